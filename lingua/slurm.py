@@ -1,0 +1,165 @@
+"""Small SLURM helpers used inside a job (no SLURM install needed to import this module).
+
+- `first_hostname(nodelist)`: the first host of a compressed node list such as `node[01-03,07],gpu5`.
+- `port_from_job_id(job_id)`: a rendezvous port every task of a job derives identically.
+- `in_slurm_job()`: whether this process runs inside a SLURM allocation (batch step or srun).
+- `requeue_current_job(max_requeues)`: `scontrol requeue $SLURM_JOB_ID`, bounded by SLURM_RESTART_COUNT so a
+  run that keeps crashing does not requeue itself forever.
+"""
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from typing import List, Optional
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "expand_hostlist",
+    "first_hostname",
+    "port_from_job_id",
+    "in_slurm_job",
+    "restart_count",
+    "requeue_current_job",
+]
+
+PORT_BASE = 20000
+PORT_SPAN = 20000  # ports in [20000, 40000): above the well-known range, below the usual ephemeral range
+
+
+def _split_top_level(text: str) -> List[str]:
+    """Split on commas that are not inside brackets: 'a[1,2],b' -> ['a[1,2]', 'b']."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in SLURM node list {text!r}")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"unbalanced '[' in SLURM node list {text!r}")
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_range_set(spec: str, whole: str) -> List[str]:
+    """'01-03,07' -> ['01', '02', '03', '07'] keeping zero padding."""
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if not m:
+            raise ValueError(f"bad range {item!r} in SLURM node list {whole!r}")
+        lo, hi = m.group(1), m.group(2)
+        if hi is None:
+            out.append(lo)
+            continue
+        width = len(lo)
+        a, b = int(lo), int(hi)
+        if b < a:
+            raise ValueError(f"bad range {item!r} in SLURM node list {whole!r}")
+        out.extend(str(n).zfill(width) for n in range(a, b + 1))
+    return out
+
+
+def _expand_one(pattern: str, whole: str) -> List[str]:
+    """Expand one host pattern with any number of bracket groups: 'r[1-2]n[3,5]' -> 4 names."""
+    m = re.search(r"\[([^\[\]]*)\]", pattern)
+    if not m:
+        return [pattern]
+    head, tail = pattern[: m.start()], pattern[m.end():]
+    return [head + mid + rest for mid in _expand_range_set(m.group(1), whole) for rest in _expand_one(tail, whole)]
+
+
+def expand_hostlist(nodelist: str) -> List[str]:
+    """Expand a SLURM compressed host list ('node[01-03,07],gpu5') into host names, in order."""
+    nodelist = (nodelist or "").strip()
+    if not nodelist:
+        raise ValueError("empty SLURM node list")
+    hosts = []
+    for part in _split_top_level(nodelist):
+        hosts.extend(_expand_one(part, nodelist))
+    return hosts
+
+
+def _scontrol_hostnames(nodelist: str) -> Optional[str]:
+    if shutil.which("scontrol") is None:
+        return None
+    try:
+        res = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = res.stdout.split()
+    return lines[0] if res.returncode == 0 and lines else None
+
+
+def first_hostname(nodelist: str) -> str:
+    """First host of a SLURM node list, parsed locally; `scontrol show hostnames` only if parsing fails."""
+    try:
+        return expand_hostlist(nodelist)[0]
+    except ValueError as err:
+        host = _scontrol_hostnames(nodelist)
+        if host is None:
+            raise ValueError(f"cannot find the first host of SLURM node list {nodelist!r}: {err}") from None
+        return host
+
+
+def port_from_job_id(job_id: str) -> int:
+    """A port in [20000, 40000) that every task of job `job_id` computes identically."""
+    digits = re.sub(r"\D", "", str(job_id))  # tolerate array ids like '123_4'
+    if not digits:
+        raise ValueError(f"cannot derive a port from SLURM job id {job_id!r}")
+    return PORT_BASE + int(digits) % PORT_SPAN
+
+
+def in_slurm_job() -> bool:
+    """True inside a SLURM allocation (sbatch script or srun task)."""
+    return bool(os.environ.get("SLURM_JOB_ID"))
+
+
+def restart_count() -> int:
+    """How many times SLURM has restarted (requeued) this job; 0 on its first run."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def requeue_current_job(max_requeues: int) -> bool:
+    """Requeue this SLURM job (`scontrol requeue $SLURM_JOB_ID`) unless it was already requeued
+    `max_requeues` times. Call from rank 0 after the preemption checkpoint is committed.
+    Returns True if the requeue command succeeded; logs the reason and returns False otherwise."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        logger.warning("not requeueing: not inside a SLURM job (SLURM_JOB_ID is unset)")
+        return False
+    # For array jobs scontrol wants <array_job_id>_<task_id>.
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    target = f"{array_job}_{array_task}" if array_job and array_task else job_id
+    restarts = restart_count()
+    if restarts >= max_requeues:
+        logger.warning(
+            "not requeueing SLURM job %s: it was already restarted %d time(s) (SLURM_RESTART_COUNT) and the limit "
+            "is %d; resubmit with `sbatch <dump_dir>/submit.slurm` to continue from the last checkpoint",
+            target, restarts, max_requeues,
+        )
+        return False
+    if shutil.which("scontrol") is None:
+        logger.error("cannot requeue SLURM job %s: scontrol is not on PATH", target)
+        return False
+    try:
+        res = subprocess.run(["scontrol", "requeue", target], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.error("scontrol requeue %s failed: %s", target, e)
+        return False
+    if res.returncode != 0:
+        logger.error("scontrol requeue %s failed (exit %d): %s", target, res.returncode, (res.stderr or res.stdout).strip())
+        return False
+    logger.info("requeued SLURM job %s (restart %d of at most %d)", target, restarts + 1, max_requeues)
+    return True
