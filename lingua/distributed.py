@@ -1,0 +1,232 @@
+"""Who am I (torchrun / SLURM srun / a single process), process groups, the device mesh, and FSDP2.
+
+One process per device. The launch environment is read once into a `LaunchEnv`; torchrun's variables win,
+then SLURM's, then a single local process. Backend and device follow the hardware unless forced.
+"""
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from lingua.args import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistributedArgs:
+    backend: str = "auto"  # auto | nccl | gloo  (auto: nccl when CUDA is available, else gloo)
+    device: str = "auto"  # auto | cuda | cpu  (auto: cuda when available)
+    dp_shard: int = -1  # FSDP shard group size; -1 = world_size / (dp_replicate * tp_size)
+    dp_replicate: int = 1  # number of replicas (HSDP when both dp_shard and dp_replicate > 1)
+    tp_size: int = 1  # tensor-parallel size; the mesh has a dimension for it, only 1 is supported today
+    fsdp_type: str = "full_shard"  # full_shard (params sharded) | no_shard (pure data parallel replication)
+    model_dtype: str = "fp32"  # fp32 | bf16: parameter dtype for compute (mixed precision; master weights fp32)
+    reduce_dtype: str = "fp32"  # dtype of gradient reductions
+    activation_checkpointing: bool = False  # recompute each block's activations in backward to save memory
+    compile: bool = False  # torch.compile each transformer block (slow to start on CPU)
+    timeout_s: int = 300  # process-group timeout: a dead rank makes the others fail after this many seconds
+    matmul_allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+
+    def validate(self):
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"distributed.backend must be auto, nccl or gloo, got '{self.backend}'")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"distributed.device must be auto, cuda or cpu, got '{self.device}'")
+        if self.fsdp_type not in ("full_shard", "no_shard"):
+            raise ConfigError(f"distributed.fsdp_type must be full_shard or no_shard, got '{self.fsdp_type}'")
+        if self.model_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"distributed.model_dtype must be fp32 or bf16, got '{self.model_dtype}'")
+        if self.reduce_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"distributed.reduce_dtype must be fp32 or bf16, got '{self.reduce_dtype}'")
+        if self.tp_size != 1:
+            raise ConfigError("distributed.tp_size > 1 is not supported yet (the mesh has room for it)")
+        if self.dp_replicate < 1 or (self.dp_shard < 1 and self.dp_shard != -1):
+            raise ConfigError("distributed.dp_replicate must be >= 1 and distributed.dp_shard >= 1 or -1")
+        if self.timeout_s < 1:
+            raise ConfigError("distributed.timeout_s must be >= 1")
+
+
+@dataclass
+class LaunchEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # torchrun | slurm | single
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_launch_env() -> LaunchEnv:
+    """Rank, local rank, world size and rendezvous address from torchrun, SLURM or nothing."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=int(env["RANK"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            world_size=int(env["WORLD_SIZE"]),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
+        from lingua.slurm import first_hostname, port_from_job_id
+
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            world_size=int(env["SLURM_NTASKS"]),
+            master_addr=env.get("MASTER_ADDR") or first_hostname(env.get("SLURM_JOB_NODELIST", "localhost")),
+            master_port=int(env.get("MASTER_PORT") or port_from_job_id(env["SLURM_JOB_ID"])),
+            launcher="slurm",
+        )
+    return LaunchEnv(0, 0, 1, "127.0.0.1", _free_port(), "single")
+
+
+def check_mesh_shape(args: DistributedArgs, world_size: int) -> tuple:
+    """(dp_replicate, dp_shard, tp) for this world size, or a ConfigError naming the options."""
+    replicate, shard, tp = args.dp_replicate, args.dp_shard, args.tp_size
+    if args.fsdp_type == "no_shard":
+        if shard not in (-1, 1):
+            raise ConfigError("distributed.fsdp_type=no_shard needs distributed.dp_shard=1 (or -1)")
+        shard = 1
+        if args.dp_replicate == 1:
+            replicate = world_size // tp
+    if shard == -1:
+        if world_size % (replicate * tp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by distributed.dp_replicate*tp_size={replicate * tp}"
+            )
+        shard = world_size // (replicate * tp)
+    if replicate * shard * tp != world_size:
+        raise ConfigError(
+            f"world size {world_size} != distributed.dp_replicate ({replicate}) x dp_shard ({shard}) x tp_size ({tp})"
+        )
+    return replicate, shard, tp
+
+
+@dataclass
+class DistState:
+    """What the rest of the code needs to know about the process layout."""
+
+    env: LaunchEnv
+    device: torch.device
+    mesh: Optional[DeviceMesh]
+    dp_rank: int
+    dp_world_size: int
+    cpu_group: Optional[object] = None  # a gloo group for CPU-side collectives (agreement, async save)
+
+    @property
+    def is_master(self) -> bool:
+        return self.env.rank == 0
+
+
+def setup_torch_distributed(args: DistributedArgs) -> DistState:
+    """Create the process group (nccl or gloo) and the (dp_replicate, dp_shard, tp) mesh."""
+    env = get_launch_env()
+    mesh_shape = check_mesh_shape(args, env.world_size)
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("distributed.device=cuda but no CUDA device is available")
+    backend = args.backend if args.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+        torch.backends.cuda.matmul.allow_tf32 = args.matmul_allow_tf32
+        torch.backends.cudnn.allow_tf32 = args.matmul_allow_tf32
+    else:
+        device = torch.device("cpu")
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    os.environ.setdefault("RANK", str(env.rank))
+    os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    timeout = datetime.timedelta(seconds=args.timeout_s)
+    if backend == "nccl":
+        # A second backend for CPU tensors, so agreement collectives and async checkpointing run on gloo.
+        dist.init_process_group("cuda:nccl,cpu:gloo", timeout=timeout, device_id=device)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
+    mesh = init_device_mesh(device.type, mesh_shape, mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+    dp_rank = mesh.get_local_rank("dp_replicate") * mesh_shape[1] + mesh.get_local_rank("dp_shard")
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
+    logger.info(
+        f"rank {env.rank}/{env.world_size} (local {env.local_rank}, launcher {env.launcher}) on {device}, "
+        f"backend {backend}, mesh dp_replicate x dp_shard x tp = {mesh_shape}"
+    )
+    return DistState(env, device, mesh, dp_rank, mesh_shape[0] * mesh_shape[1], cpu_group)
+
+
+def all_reduce_max(value: float, group=None) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item()
+
+
+def all_reduce_min(value: float, group=None) -> float:
+    return -all_reduce_max(-value, group)
+
+
+def all_agree(flag: bool, group=None) -> bool:
+    """True only if `flag` is True on every rank (a CPU collective)."""
+    return all_reduce_min(1.0 if flag else 0.0, group) == 1.0
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """True if `flag` is True on at least one rank."""
+    return all_reduce_max(1.0 if flag else 0.0, group) == 1.0
+
+
+def broadcast_object(obj, group=None, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def dist_mean(value: float, device: torch.device) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item() / dist.get_world_size()
+
+
+def parallelize_model(model: torch.nn.Module, mesh: DeviceMesh, args: DistributedArgs) -> torch.nn.Module:
+    """FSDP2 on each transformer block and the root, with optional activation checkpointing and compile."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    mp = MixedPrecisionPolicy(param_dtype=dtypes[args.model_dtype], reduce_dtype=dtypes[args.reduce_dtype])
+    dp_mesh = mesh["dp_replicate", "dp_shard"]
+    if args.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, layer in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+    if args.compile:
+        for layer in model.layers:
+            layer.compile()
+    # no_shard keeps full parameters after forward (no re-gather in backward): DDP-like behaviour.
+    reshard = args.fsdp_type == "full_shard"
+    for layer in model.layers:
+        fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    return model
+
+
+def destroy():
+    if dist.is_initialized():
+        dist.destroy_process_group()

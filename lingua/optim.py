@@ -1,0 +1,61 @@
+"""AdamW and learning-rate schedules (warmup, then cosine / linear / constant decay)."""
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from lingua.args import ConfigError
+
+
+@dataclass
+class OptimArgs:
+    lr: float = 3e-4  # peak learning rate
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    epsilon: float = 1e-8  # AdamW epsilon
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    clip: float = 1.0  # max gradient norm (<= 0 disables clipping)
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup: int = 2000  # linear warmup steps
+    lr_min_ratio: float = 0.1  # final lr as a fraction of lr (cosine, linear)
+    decay_fraction: float = 1.0  # fraction of the post-warmup steps over which lr decays (rest stays at min)
+    fused: bool = False  # use the fused AdamW kernel (CUDA)
+
+    def validate(self):
+        if self.scheduler not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optim.scheduler must be cosine, linear or constant, got '{self.scheduler}'")
+        if self.lr <= 0:
+            raise ConfigError("optim.lr must be > 0")
+        if self.warmup < 0:
+            raise ConfigError("optim.warmup must be >= 0")
+
+
+def lr_factor(step: int, args: OptimArgs, total_steps: int) -> float:
+    """Multiplier of args.lr at `step` (0-based count of optimizer steps taken)."""
+    if args.warmup > 0 and step < args.warmup:
+        return (step + 1) / args.warmup
+    if args.scheduler == "constant":
+        return 1.0
+    decay_steps = max(1, int((total_steps - args.warmup) * args.decay_fraction))
+    progress = min(1.0, (step - args.warmup) / decay_steps)
+    if args.scheduler == "linear":
+        return 1.0 - (1.0 - args.lr_min_ratio) * progress
+    cos = 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr_min_ratio + (1.0 - args.lr_min_ratio) * cos
+
+
+def build_optimizer(model: torch.nn.Module, args: OptimArgs, total_steps: int):
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.lr,
+        betas=(args.beta1, args.beta2),
+        weight_decay=args.weight_decay,
+        eps=args.epsilon,
+        fused=args.fused or None,
+        foreach=None if args.fused else True,
+    )
+    scheduler = LambdaLR(optimizer, partial(lr_factor, args=args, total_steps=total_steps))
+    return optimizer, scheduler
