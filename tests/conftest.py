@@ -1,0 +1,37 @@
+"""Shared pytest fixtures. Keep this file small: put heavy helpers in their own modules."""
+
+import os
+import sys
+
+import pytest
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+for _p in (REPO_ROOT, TESTS_DIR):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node SLURM cluster on localhost (tests/slurm_cluster.py): `.env` (SLURM_CONF),
+    `.client_env()`, `.partition`. Reuses a cluster started by `python tests/slurm_cluster.py start` when
+    LINGUA_SLURM_DIR points at it; skips only where the daemons cannot be started."""
+    import slurm_cluster as sc
+
+    reuse = os.environ.get("LINGUA_SLURM_DIR")
+    if reuse:
+        cluster = sc.attach(reuse)
+        if not cluster.is_running():
+            pytest.fail(f"LINGUA_SLURM_DIR={reuse} but no cluster runs there (python tests/slurm_cluster.py start)")
+        yield cluster
+        return
+    cluster = sc.SlurmCluster()
+    try:
+        cluster.start()
+    except sc.ClusterUnavailable as e:
+        pytest.skip(f"cannot start a local SLURM cluster: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
