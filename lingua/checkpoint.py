@@ -510,6 +510,7 @@ class CheckpointManager:
 
         def finish():
             try:
+                time.sleep(float(os.environ.get("LINGUA_TEST_ASYNC_DELAY", "0")))  # test-only: widen the window
                 fut.result()
                 fault_point("after_shards")
                 flight.result["files"] = describe_files(
