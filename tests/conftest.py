@@ -16,7 +16,8 @@ for _p in (REPO_ROOT, TESTS_DIR):
 def slurm_cluster():
     """A real single-node SLURM cluster on localhost (tests/slurm_cluster.py): `.env` (SLURM_CONF),
     `.client_env()`, `.partition`. Reuses a cluster started by `python tests/slurm_cluster.py start` when
-    LINGUA_SLURM_DIR points at it; skips only where the daemons cannot be started."""
+    LINGUA_SLURM_DIR points at it. Skips only where the daemons cannot be started; with LINGUA_REQUIRE_SLURM=1
+    (CI) that is a failure instead."""
     import slurm_cluster as sc
 
     reuse = os.environ.get("LINGUA_SLURM_DIR")
@@ -30,6 +31,8 @@ def slurm_cluster():
     try:
         cluster.start()
     except sc.ClusterUnavailable as e:
+        if os.environ.get("LINGUA_REQUIRE_SLURM") == "1":
+            pytest.fail(f"LINGUA_REQUIRE_SLURM=1 but the local SLURM cluster cannot start: {e}")
         pytest.skip(f"cannot start a local SLURM cluster: {e}")
     try:
         yield cluster

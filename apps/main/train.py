@@ -261,6 +261,8 @@ def train(args: TrainArgs) -> int:
                         ckpt.wait()
                     if not saved and state.step == args.steps:
                         exit_code = 1
+                    # EVAL HOOK: when "eval" in kinds and the save succeeded, evaluate the committed checkpoint
+                    # (inline, or as a SLURM job when args.async_eval_gpus is set).
                 if preempted:
                     logger.info(f"preempted ({preemption.signal_name or 'signal on another rank'}): "
                                 f"checkpoint at step {state.step} done, exiting")
