@@ -261,7 +261,7 @@ def _parse_line(raw: bytes) -> Optional[str]:
     try:
         obj = json.loads(s)
     except json.JSONDecodeError as e:
-        raise _BadLine(f"malformed JSON ({e.msg} at column {e.colno})") from None
+        raise _BadLine(f"malformed JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(obj, dict):
         raise _BadLine(f"expected a JSON object, got {type(obj).__name__}")
     text = obj.get("text")
