@@ -30,7 +30,7 @@ from lingua.checkpoint import (
     load_model_optim,
     set_rng_state,
 )
-from lingua.data import DataArgs, build_dataloader, check_data_args, data_metrics, init_dataloader_state
+from lingua.data import DataArgs, DataError, build_dataloader, check_data_args, data_metrics, init_dataloader_state
 from lingua.distributed import (
     DistributedArgs,
     any_rank,
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return train(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, DataError) as e:
         logger.error(f"{type(e).__name__}: {e}")
         print(f"error: {e}", file=sys.stderr)
         return 1

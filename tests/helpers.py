@@ -1,0 +1,106 @@
+"""Shared test helpers: a small real corpus, tiny configs, and real torchrun launches."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
+
+
+def make_corpus(root: str, sources=("shk",), files_per_source: int = 2, max_docs: int = 2000) -> str:
+    """Real text (tinyshakespeare paragraphs) in Lingua's layout: <root>/<source>/<source>.chunk.NN.jsonl."""
+    with open(SHAKESPEARE) as f:
+        paras = [p.strip() for p in f.read().split("\n\n") if p.strip()][:max_docs]
+    for s_i, source in enumerate(sources):
+        os.makedirs(os.path.join(root, source), exist_ok=True)
+        docs = paras[s_i :: len(sources)]
+        for c in range(files_per_source):
+            with open(os.path.join(root, source, f"{source}.chunk.{c:02d}.jsonl"), "w") as f:
+                for doc in docs[c::files_per_source]:
+                    f.write(json.dumps({"text": doc}) + "\n")
+    return root
+
+
+def tiny_config(path: str, data_root: str, sources=("shk",), **overrides) -> str:
+    """A YAML config for a tiny model that trains in seconds on CPU."""
+    cfg = {
+        "name": "test",
+        "steps": 12,
+        "seed": 7,
+        "data": {
+            "root_dir": data_root,
+            "sources": {s: 1.0 for s in sources},
+            "batch_size": 2,
+            "seq_len": 32,
+            "load_async": False,
+            "prefetch_size": 4,
+            "tokenizer": {"name": "bytes"},
+        },
+        "optim": {"lr": 3e-3, "warmup": 3, "scheduler": "cosine"},
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 16, "max_seqlen": 32},
+        "checkpoint": {"dump": {"every": 4, "keep": 0}},
+        "logging": {"freq": 1},
+        "distributed": {"timeout_s": 60},
+    }
+    for key, value in overrides.items():
+        node = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(extra=None) -> dict:
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                "SLURM_JOB_ID", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "LINGUA_FAULT", "LINGUA_TEST_HIDE_CKPT"):
+        env.pop(key, None)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_train(config: str, dump_dir: str, nproc: int = 2, args=(), env=None, timeout: int = 300,
+              module: str = "apps.main.train") -> subprocess.CompletedProcess:
+    """Run the trainer under torchrun (nproc > 0) or as a plain process (nproc == 0)."""
+    cmd = [sys.executable]
+    if nproc > 0:
+        cmd += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+                "--master-port", str(free_port())]
+    cmd += ["-m", module, f"config={config}", f"dump_dir={dump_dir}", *args]
+    return subprocess.run(cmd, cwd=REPO, env=clean_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(dump_dir: str) -> list:
+    with open(os.path.join(dump_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(dump_dir: str) -> dict:
+    return {r["global_step"]: r["loss/out"] for r in metrics(dump_dir)}
+
+
+def committed_steps(dump_dir: str) -> list:
+    root = os.path.join(dump_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(n) for n in os.listdir(root) if n.isdigit() and os.path.exists(os.path.join(root, n, "COMMIT.json")))
+
+
+def output(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr

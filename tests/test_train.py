@@ -1,0 +1,158 @@
+"""The training path end to end, with real processes: torchrun, a single process, srun-style, two 'nodes'."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, clean_env, free_port, losses, make_corpus, metrics, output, run_train, tiny_config
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, corpus):
+    """2-process torchrun, 12 steps: shared by several tests."""
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = tiny_config(str(tmp / "c.yaml"), corpus)
+    proc = run_train(cfg, str(tmp / "dump"), nproc=2)
+    assert proc.returncode == 0, output(proc)[-4000:]
+    return cfg, str(tmp / "dump")
+
+
+def test_torchrun_two_processes_trains_and_logs(reference_run):
+    _, dump = reference_run
+    records = metrics(dump)
+    assert [r["global_step"] for r in records] == list(range(1, 13))
+    for r in records:
+        for key in ("loss/out", "optim/lr", "optim/grad_norm", "speed/wps"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r)
+    first = sum(r["loss/out"] for r in records[:3]) / 3
+    last = sum(r["loss/out"] for r in records[-3:]) / 3
+    assert last < first - 0.5, (first, last)  # byte-level loss starts near ln(258) = 5.55
+    assert os.path.exists(os.path.join(dump, "config.yaml"))
+    assert "step 12/12" in open(os.path.join(dump, "train.log")).read()
+
+
+def test_same_seed_gives_identical_losses(tmp_path, reference_run):
+    cfg, dump = reference_run
+    proc = run_train(cfg, str(tmp_path / "again"), nproc=2)
+    assert proc.returncode == 0, output(proc)[-3000:]
+    assert losses(str(tmp_path / "again")) == losses(dump)
+
+
+def test_gradient_accumulation_matches_bigger_batch(tmp_path, corpus):
+    """2 micro-batches of b == one batch of 2b (same data: one rank, so the stream is the same)."""
+    base = dict(steps=6, **{"checkpoint.dump.every": -1, "data.prefetch_size": 1})
+    cfg_acc = tiny_config(str(tmp_path / "acc.yaml"), corpus, grad_acc_steps=2, **{"data.batch_size": 2}, **base)
+    cfg_big = tiny_config(str(tmp_path / "big.yaml"), corpus, grad_acc_steps=1, **{"data.batch_size": 4}, **base)
+    for cfg, name in ((cfg_acc, "acc"), (cfg_big, "big")):
+        proc = run_train(cfg, str(tmp_path / name), nproc=1)
+        assert proc.returncode == 0, output(proc)[-3000:]
+    acc, big = losses(str(tmp_path / "acc")), losses(str(tmp_path / "big"))
+    assert acc.keys() == big.keys()
+    for step in acc:
+        assert acc[step] == pytest.approx(big[step], rel=1e-4, abs=1e-5), step
+
+
+def test_single_process_launch(tmp_path, corpus):
+    cfg = tiny_config(str(tmp_path / "c.yaml"), corpus, steps=4)
+    proc = run_train(cfg, str(tmp_path / "dump"), nproc=0)
+    assert proc.returncode == 0, output(proc)[-3000:]
+    assert "launcher single" in output(proc)
+    assert [r["global_step"] for r in metrics(str(tmp_path / "dump"))] == [1, 2, 3, 4]
+
+
+def test_srun_style_launch_from_slurm_variables(tmp_path, corpus, reference_run):
+    """Two plain processes that only have SLURM's variables (as srun sets them) form one job."""
+    cfg, ref_dump = reference_run
+    dump = str(tmp_path / "dump")
+    job_id = str(900000 + free_port())
+    procs = []
+    for rank in range(2):
+        env = clean_env({"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2",
+                         "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "localhost"})
+        procs.append(subprocess.Popen([sys.executable, "-m", "apps.main.train", f"config={cfg}", f"dump_dir={dump}"],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert "launcher slurm" in outs[0]
+    assert losses(dump) == losses(ref_dump)  # same job as the torchrun one
+
+
+def test_two_nodes_on_one_machine(tmp_path, corpus, reference_run):
+    """torchrun --nnodes 2 with a localhost rendezvous, one process per 'node'."""
+    cfg, ref_dump = reference_run
+    dump = str(tmp_path / "dump")
+    port = free_port()
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+               "--rdzv-id", "two-nodes", "-m", "apps.main.train", f"config={cfg}", f"dump_dir={dump}"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert losses(dump) == losses(ref_dump)
+
+
+def _assert_no_progress(dump):
+    """Nothing a later run could mistake for progress: no checkpoint, no metrics."""
+    ckpts = os.path.join(dump, "checkpoints")
+    assert not os.path.isdir(ckpts) or not os.listdir(ckpts)
+    path = os.path.join(dump, "metrics.jsonl")
+    assert not os.path.exists(path) or open(path).read() == ""
+
+
+def _one_line_error(proc, needle):
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if needle in ln]
+    assert lines, proc.stderr[-3000:]
+
+
+def test_missing_data_dir(tmp_path):
+    cfg = tiny_config(str(tmp_path / "c.yaml"), str(tmp_path / "nope"))
+    proc = run_train(cfg, str(tmp_path / "dump"), nproc=0)
+    _one_line_error(proc, "nope")
+    _assert_no_progress(str(tmp_path / "dump"))
+
+
+def test_empty_source_folder(tmp_path):
+    os.makedirs(tmp_path / "data" / "shk")
+    cfg = tiny_config(str(tmp_path / "c.yaml"), str(tmp_path / "data"))
+    proc = run_train(cfg, str(tmp_path / "dump"), nproc=0)
+    _one_line_error(proc, "shk")
+    _assert_no_progress(str(tmp_path / "dump"))
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    root = tmp_path / "data"
+    os.makedirs(root / "shk")
+    lines = [json.dumps({"text": "hello world " * 20}), '{"text": "broken'] + [json.dumps({"text": "more"})] * 3
+    (root / "shk" / "shk.chunk.00.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = tiny_config(str(tmp_path / "c.yaml"), str(root))
+    proc = run_train(cfg, str(tmp_path / "dump"), nproc=0)
+    _one_line_error(proc, "shk.chunk.00.jsonl")
+    assert ":2" in proc.stderr or "line 2" in proc.stderr, proc.stderr[-2000:]
+    _assert_no_progress(str(tmp_path / "dump"))
+
+
+def test_missing_tokenizer_file(tmp_path, corpus):
+    cfg = tiny_config(str(tmp_path / "c.yaml"), corpus, **{"data.tokenizer": {"name": "sp", "path": "/no/tok.model"}})
+    proc = run_train(cfg, str(tmp_path / "dump"), nproc=0)
+    _one_line_error(proc, "/no/tok.model")
+    _assert_no_progress(str(tmp_path / "dump"))
+
+
+def test_world_size_not_divisible_by_mesh(tmp_path, corpus):
+    cfg = tiny_config(str(tmp_path / "c.yaml"), corpus)
+    proc = run_train(cfg, str(tmp_path / "dump"), nproc=2, args=["distributed.dp_replicate=4"])
+    _one_line_error(proc, "distributed.dp_replicate")
+    _assert_no_progress(str(tmp_path / "dump"))
