@@ -110,6 +110,8 @@ def _resolve_sources(args: DataArgs) -> Dict[str, float]:
         return {str(k): v for k, v in args.sources.items()}
     found = {}
     for name in sorted(os.listdir(args.root_dir)):
+        if name.startswith("."):  # e.g. a folder that setup/prepare_data.py is still writing
+            continue
         if os.path.isdir(os.path.join(args.root_dir, name)) and _chunk_files(args.root_dir, name):
             found[name] = 1.0
     if not found:
