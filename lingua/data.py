@@ -63,6 +63,7 @@ VAL_GLOB = "*.val.jsonl"  # held-out files of a source (written by setup/prepare
 RNG_BLOCK = 1024  # numbers per block of the counter-based mixture RNG
 _TAG_MIX = 1  # RNG stream ids: [seed, dp_rank, tag, block]
 _TAG_SHUFFLE = 2
+RESET_OPTION = "checkpoint.reset_data_state=true"  # the trainer's switch that restarts the data stream
 _TEST_FAIL_ENV = "LINGUA_DATA_TEST_FAIL_AFTER"  # test hook: the loader process raises after N batches
 
 
@@ -84,7 +85,6 @@ class DataArgs:
     prefetch_size: int = 64  # batches per shuffle block: sequences are permuted within prefetch_size * batch_size
     async_queue_size: int = 8  # bound of the queue between the loader process and the trainer, in batches
     skip_bad_lines: bool = False  # skip (and count in data/skipped_lines) malformed lines instead of failing
-    reset_state: bool = False  # trainer option: ignore the checkpoint's data state and restart the stream (e.g. new dp size)
     tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)  # how documents become token ids
 
 
@@ -319,7 +319,7 @@ class DataPipeline:
             details = "; ".join(f"{k}: {fp.get(k)!r} -> {now.get(k)!r}" for k in diff)
             raise DataError(
                 f"the data state was saved with different data settings ({details}); it cannot resume this "
-                "stream exactly. Restore the old settings, or set data.reset_state=true to restart the data stream"
+                f"stream exactly. Restore the old settings, or set {RESET_OPTION} to restart the data stream"
             )
         self.seed = int(args.seed) % (1 << 63)
         self.seq_len = int(args.seq_len)
@@ -340,13 +340,13 @@ class DataPipeline:
             now = os.path.getsize(path)
         except OSError:
             raise DataError(
-                f"chunk file '{path}' of the data state is missing; restore it, or set data.reset_state=true "
+                f"chunk file '{path}' of the data state is missing; restore it, or set {RESET_OPTION} "
                 "to restart the data stream"
             ) from None
         if now != size:
             raise DataError(
                 f"chunk file '{path}' changed since the data state was made ({size} -> {now} bytes); restore it, "
-                "or set data.reset_state=true to restart the data stream"
+                f"or set {RESET_OPTION} to restart the data stream"
             )
         return path
 
@@ -455,7 +455,7 @@ class DataPipeline:
                         if skip >= len(toks):
                             raise DataError(
                                 f"the data state points at token {skip} of a document of {len(toks)} tokens: the data "
-                                "or the tokenizer changed; set data.reset_state=true to restart the data stream"
+                                f"or the tokenizer changed; set {RESET_OPTION} to restart the data stream"
                             )
                         toks, start, skip = toks[skip:], skip, 0
                     if len(toks):
@@ -537,7 +537,7 @@ def _check_state(state: dict) -> None:
         raise DataError(f"the data state must be a dict (from init_dataloader_state), got {type(state).__name__}")
     if state.get("version") != STATE_VERSION:
         raise DataError(
-            f"data state version {state.get('version')!r} is not {STATE_VERSION}; set data.reset_state=true to "
+            f"data state version {state.get('version')!r} is not {STATE_VERSION}; set {RESET_OPTION} to "
             "restart the data stream"
         )
     for key in ("dp_rank", "dp_world_size", "fingerprint", "layout", "block", "idx", "pack"):
@@ -749,13 +749,23 @@ class AsyncBatchIterator:
 
 
 @contextlib.contextmanager
-def build_dataloader(args: DataArgs, state: dict) -> Iterator[Iterator[Tuple[np.ndarray, dict]]]:
+def build_dataloader(
+    args: DataArgs, state: dict, *, dp_rank: Optional[int] = None, dp_world_size: Optional[int] = None
+) -> Iterator[Iterator[Tuple[np.ndarray, dict]]]:
     """Yield an iterator of (batch, state): batch is np.int64 [batch_size, seq_len, n_views] (view 0 = inputs,
     view 1 = targets = inputs shifted by one token, ...); state resumes the stream right after that batch.
 
-    Validates the state against the args and the files first (DataError / ConfigError). With
-    args.load_async the batches come from a background process that leaving the context stops and joins.
+    Validates the state against the args and the files first (DataError / ConfigError); given `dp_rank` /
+    `dp_world_size`, also that the state belongs to this rank of this layout. With args.load_async the
+    batches come from a background process that leaving the context stops and joins.
     """
+    _check_state(state)
+    for key, want in (("dp_rank", dp_rank), ("dp_world_size", dp_world_size)):
+        if want is not None and state[key] != want:
+            raise DataError(
+                f"the data state belongs to {key}={state[key]}, this process has {key}={want}: each data-parallel rank "
+                f"must resume its own state (a changed layout needs {RESET_OPTION})"
+            )
     pipeline = DataPipeline(args, state)
     if args.load_async:
         del pipeline

@@ -534,7 +534,7 @@ def test_state_is_json_and_checked_on_resume(corpus, tmp_path):
     assert rt(state) == state and state["dp_rank"] == 1 and state["dp_world_size"] == 3
     assert data_metrics(state)["data/skipped_lines"] == 0
     changed = DataArgs(root_dir=root, sources={"a": 1.0, "b": 1.0}, seq_len=16, load_async=False)
-    with pytest.raises(DataError, match=r"seq_len: 8 -> 16.*data.reset_state=true"):
+    with pytest.raises(DataError, match=r"seq_len: 8 -> 16.*checkpoint.reset_data_state=true"):
         stream(changed, state, 1)
     with pytest.raises(DataError, match="version"):
         stream(args, {**state, "version": 99}, 1)
@@ -550,6 +550,14 @@ def test_state_is_json_and_checked_on_resume(corpus, tmp_path):
         stream(args2, state2, 1)
     with pytest.raises(ValueError):
         init_dataloader_state(args, 3, 3)
+    with pytest.raises(DataError, match="belongs to dp_rank=1, this process has dp_rank=0"):
+        with build_dataloader(args, state, dp_rank=0, dp_world_size=3):
+            pass
+    with pytest.raises(DataError, match="dp_world_size=3, this process has dp_world_size=2"):
+        with build_dataloader(args, state, dp_world_size=2):
+            pass
+    with build_dataloader(args, state, dp_rank=1, dp_world_size=3) as it:
+        next(it)
 
 
 def test_validation_files_are_found(tmp_path):
