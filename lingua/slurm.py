@@ -4,7 +4,12 @@
 - `port_from_job_id(job_id)`: a rendezvous port every task of a job derives identically.
 - `in_slurm_job()`: whether this process runs inside a SLURM allocation (batch step or srun).
 - `requeue_current_job(max_requeues)`: `scontrol requeue $SLURM_JOB_ID`, bounded by SLURM_RESTART_COUNT so a
-  run that keeps crashing does not requeue itself forever.
+  run that keeps crashing does not requeue itself forever, and only while the job is still RUNNING: a job the
+  user cancelled (`scancel` sends SIGTERM first), or one killed at its time limit, shows as COMPLETING and is
+  not brought back. The time-limit path is the USR2 warning (`--signal=USR2@N`), which arrives while RUNNING.
+
+Note: `scontrol requeue` terminates the job's running tasks at once (SIGTERM, then SIGKILL after the cluster's
+KillWait), so call it last, once the checkpoint is committed and the logs are flushed.
 """
 
 import logging
@@ -22,6 +27,7 @@ __all__ = [
     "port_from_job_id",
     "in_slurm_job",
     "restart_count",
+    "job_state",
     "requeue_current_job",
 ]
 
@@ -131,6 +137,18 @@ def restart_count() -> int:
         return 0
 
 
+def job_state(job_id: str) -> Optional[str]:
+    """JobState of `job_id` as `scontrol show job` reports it (RUNNING, COMPLETING, ...), None if unknown."""
+    if shutil.which("scontrol") is None:
+        return None
+    try:
+        res = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"\bJobState=(\S+)", res.stdout) if res.returncode == 0 else None
+    return m.group(1) if m else None
+
+
 def requeue_current_job(max_requeues: int) -> bool:
     """Requeue this SLURM job (`scontrol requeue $SLURM_JOB_ID`) unless it was already requeued
     `max_requeues` times. Call from rank 0 after the preemption checkpoint is committed.
@@ -152,6 +170,14 @@ def requeue_current_job(max_requeues: int) -> bool:
         return False
     if shutil.which("scontrol") is None:
         logger.error("cannot requeue SLURM job %s: scontrol is not on PATH", target)
+        return False
+    state = job_state(target)
+    if state is not None and state != "RUNNING":
+        logger.warning(
+            "not requeueing SLURM job %s: it is %s, not RUNNING (cancelled by the user, killed at its time limit, or "
+            "preempted: SLURM requeues preempted jobs itself when PreemptMode=REQUEUE); resume with "
+            "`sbatch <dump_dir>/submit.slurm`", target, state,
+        )
         return False
     try:
         res = subprocess.run(["scontrol", "requeue", target], capture_output=True, text=True, timeout=60)
