@@ -701,7 +701,8 @@ class AsyncBatchIterator:
         except Exception:
             pass
         return DataError(
-            f"the data loader process (pid {self.pid}) {_describe_exit(self.process.returncode)} without reporting an error"
+            f"the data loader process (pid {self.pid}) {_describe_exit(self.process.returncode)} without reporting an "
+            "error (anything it printed is on stderr above)"
         )
 
     def __next__(self) -> Tuple[np.ndarray, dict]:
