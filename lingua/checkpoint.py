@@ -126,16 +126,21 @@ def describe_files(folder: str, names: list, checksums: bool) -> dict:
     return out
 
 
-def fault_point(name: str) -> None:
-    """Test-only fault injection: LINGUA_FAULT=<point>[:<rank>] kills this process at that point."""
+def fault_point(name: str, step: Optional[int] = None) -> None:
+    """Test-only fault injection: LINGUA_FAULT=<point>[@<step>][:<rank>] kills this process (SIGKILL) when it
+    reaches that point (of the save of that step) on that rank."""
     spec = os.environ.get("LINGUA_FAULT")
     if not spec:
         return
-    point, _, rank = spec.partition(":")
-    if point == name and (not rank or int(rank) == int(os.environ.get("RANK", "0"))):
-        logger.error(f"LINGUA_FAULT: killing rank {os.environ.get('RANK', '0')} at '{name}'")
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
+    where, _, rank = spec.partition(":")
+    point, _, at_step = where.partition("@")
+    if point != name or (at_step and step is not None and int(at_step) != step):
+        return
+    if rank and int(rank) != int(os.environ.get("RANK", "0")):
+        return
+    logger.error(f"LINGUA_FAULT: killing rank {os.environ.get('RANK', '0')} at '{name}'")
+    logging.shutdown()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def read_commit(ckpt_dir: str) -> dict:
@@ -436,7 +441,7 @@ class CheckpointManager:
     def _make_room(self, needed: int, kinds: list) -> bool:
         """Rank 0: is there room for `needed` bytes? Deletes early what retention would delete anyway."""
         free = shutil.disk_usage(self.root).free
-        if free >= needed:
+        if free >= needed or os.environ.get("LINGUA_TEST_SKIP_SPACE_CHECK"):  # test-only: force a real ENOSPC
             return True
         self.apply_retention(upcoming_kinds=kinds)
         free = shutil.disk_usage(self.root).free
@@ -472,7 +477,7 @@ class CheckpointManager:
             name = f"train_state_{self.dist.dp_rank:05d}.json"
             write_json_atomic(os.path.join(staging, name), train_states)
             own_files.append(name)
-            fault_point("after_train_state")
+            fault_point("after_train_state", step)
             if self.rank == 0:
                 write_json_atomic(os.path.join(staging, PARAMS_FILE), self.config_dict)
                 own_files.append(PARAMS_FILE)
@@ -485,7 +490,7 @@ class CheckpointManager:
             return self._start_async(step, staging, state, own_files, kinds, t0)
         try:
             dcp.save(state, checkpoint_id=staging, process_group=self.group)
-            fault_point("after_shards")
+            fault_point("after_shards", step)
             files = describe_files(staging, own_files + self._dcp_files(staging), self.args.checksums)
             error = None
         except Exception as e:  # noqa: BLE001 (ENOSPC, I/O errors, a peer's failure)
@@ -512,7 +517,7 @@ class CheckpointManager:
             try:
                 time.sleep(float(os.environ.get("LINGUA_TEST_ASYNC_DELAY", "0")))  # test-only: widen the window
                 fut.result()
-                fault_point("after_shards")
+                fault_point("after_shards", step)
                 flight.result["files"] = describe_files(
                     staging, own_files + self._dcp_files(staging), self.args.checksums
                 )
@@ -553,7 +558,7 @@ class CheckpointManager:
         errors = [r["error"] for r in records if r["error"]]
         if errors:
             return self._abandon(staging, "; ".join(errors))
-        fault_point("before_commit")
+        fault_point("before_commit", step)
         result = None
         if self.rank == 0:
             try:
@@ -576,7 +581,7 @@ class CheckpointManager:
                     delete_checkpoint(final)
                 os.replace(staging, final)
                 _fsync_dir(self.root)
-                fault_point("after_commit")
+                fault_point("after_commit", step)
                 self.apply_retention()
             except OSError as e:
                 result = f"commit failed: {e}"

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from apps.main.eval import EvalArgs, maybe_run_eval
 from apps.main.transformer import LMTransformer, LMTransformerArgs, flops_per_token, num_params
 from lingua.args import MISSING, ConfigError, config_to_dict, dump_config, parse_args
 from lingua.checkpoint import (
@@ -63,6 +64,8 @@ class TrainArgs:
     distributed: DistributedArgs = field(default_factory=DistributedArgs)  # parallelism, backend, precision
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)  # saving and resuming
     logging: LoggingArgs = field(default_factory=LoggingArgs)  # console / metrics.jsonl / wandb
+    eval: Optional[EvalArgs] = None  # what to evaluate at checkpoint.eval.every steps (docs/eval.md); null = no evals
+    async_eval_gpus: Optional[int] = None  # unset: evals run inline on the training ranks; N: as SLURM jobs, N GPUs/node (0 = CPU)
 
     def validate(self):
         """Checks that need no process group (run before any is created)."""
@@ -110,9 +113,10 @@ def restore(args: TrainArgs, ckpt_dir: str, model, optimizer, scheduler, dist_st
     load_model_optim(ckpt_dir, model, optimizer)
     with open(os.path.join(ckpt_dir, "COMMIT.json")) as f:
         saved_dp = json.load(f)["dp_world_size"]
-    state_file = os.path.join(ckpt_dir, f"train_state_{dist_state.dp_rank:05d}.json")
-    reference = os.path.join(ckpt_dir, "train_state_00000.json")
-    with open(state_file if os.path.exists(state_file) else reference) as f:
+    # Same layout: this rank's own state. Changed layout: step and scheduler (identical on every rank) from
+    # rank 0's file; the data state is then reset below or refused.
+    own_rank = dist_state.dp_rank if saved_dp == dist_state.dp_world_size else 0
+    with open(os.path.join(ckpt_dir, f"train_state_{own_rank:05d}.json")) as f:
         saved = json.load(f)
     scheduler.load_state_dict(saved["scheduler"])
     state = TrainState(step=saved["step"], acc_step=saved["acc_step"], data_state=saved["data"])
@@ -191,7 +195,8 @@ def train(args: TrainArgs) -> int:
     window_start, window_tokens = time.time(), 0
     exit_code = 0
     try:
-        with build_dataloader(args.data, state.data_state) as batches:
+        with build_dataloader(args.data, state.data_state, dp_rank=dist_state.dp_rank,
+                              dp_world_size=dist_state.dp_world_size) as batches:
             while state.step < args.steps:
                 step_start = time.time()
                 loss_sum = 0.0
@@ -249,6 +254,8 @@ def train(args: TrainArgs) -> int:
                     window_start, window_tokens = time.time(), 0
 
                 fault_point(f"step_{state.step}")  # test-only: LINGUA_FAULT=step_<n>[:<rank>]
+                if os.environ.get("LINGUA_TEST_STEP_SLEEP"):  # test-only: slow steps so a test can signal mid-run
+                    time.sleep(float(os.environ["LINGUA_TEST_STEP_SLEEP"]))
                 ckpt.poll()
                 kinds = due_checkpoint_kinds(args, state.step)
                 # Decided together: if any rank got the signal, every rank stops at this step.
@@ -263,6 +270,8 @@ def train(args: TrainArgs) -> int:
                         exit_code = 1
                     # EVAL HOOK: when "eval" in kinds and the save succeeded, evaluate the committed checkpoint
                     # (inline, or as a SLURM job when args.async_eval_gpus is set).
+                    if "eval" in kinds and args.eval is not None:  # never raises: a failing eval is logged, training goes on
+                        maybe_run_eval(args, state.step, kinds, saved, ckpt, model, dist_state, metric_logger, preempted)
                 if preempted:
                     logger.info(f"preempted ({preemption.signal_name or 'signal on another rank'}): "
                                 f"checkpoint at step {state.step} done, exiting")
