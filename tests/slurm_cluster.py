@@ -15,6 +15,7 @@ variable LINGUA_SLURM_DIR names a folder where `start` was run, the fixture reus
 """
 
 import argparse
+import hashlib
 import os
 import shutil
 import signal
@@ -92,11 +93,18 @@ class SlurmCluster:
     """One-node cluster living in `root`. `env` holds the variables SLURM clients need (SLURM_CONF)."""
 
     def __init__(self, root: Optional[str] = None, partition: str = PARTITION, cpus: Optional[int] = None):
+        self._temp_root = root is None  # a folder made here is removed again by stop()
         self.root = Path(root or tempfile.mkdtemp(prefix="lingua-slurm-")).resolve()
         self.partition = partition
         self.cpus = cpus or max(os.cpu_count() or 1, 2)
         self.conf_path = self.root / "slurm.conf"
-        self.munge_socket = self.root / "munge" / "munge.socket"
+        # munged's socket and slurmstepd's sockets (in SlurmdSpoolDir) are AF_UNIX paths, limited to ~108 bytes:
+        # under a long root they live in a short folder of their own.
+        self.sock_dir = self.root
+        if len(str(self.root)) > 50:
+            self.sock_dir = Path("/tmp") / ("lingua-slurm-" + hashlib.sha1(str(self.root).encode()).hexdigest()[:10])
+        self.munge_dir = self.sock_dir / "munge"
+        self.munge_socket = self.munge_dir / "munge.socket"
         self.owned = True  # False when attached to a cluster started by someone else (we do not stop it)
 
     # ---- what clients need -------------------------------------------------------------------------
@@ -125,8 +133,10 @@ class SlurmCluster:
         while slurmd_port == ctld_port:
             slurmd_port = _free_port()
         r = self.root
-        for d in ("state", "spool", "munge", "log"):
+        for d in ("state", "log"):
             (r / d).mkdir(parents=True, exist_ok=True)
+        for d in (self.sock_dir / "spool", self.munge_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
         (r / "plugstack.conf").write_text("")
         conf = f"""# single-node test cluster written by tests/slurm_cluster.py
 ClusterName=lingua-test
@@ -139,7 +149,7 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.munge_socket}
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={self.sock_dir}/spool
 SlurmctldPidFile={r}/slurmctld.pid
 SlurmdPidFile={r}/slurmd.pid
 SlurmctldLogFile={r}/log/slurmctld.log
@@ -198,16 +208,16 @@ PartitionName={self.partition} Nodes=localhost Default=YES MaxTime=INFINITE Stat
         if os.geteuid() != 0:
             raise ClusterUnavailable("starting slurmd/slurmctld with SlurmUser=root needs root")
         self._write_conf()
-        key = self.root / "munge" / "munge.key"
+        key = self.munge_dir / "munge.key"
         with open(key, "wb") as f:
             f.write(os.urandom(1024))
         os.chmod(key, 0o600)
-        os.chmod(self.root / "munge", 0o700)
+        os.chmod(self.munge_dir, 0o700)
         try:
             self._spawn("munged", [
                 _which("munged"), "--foreground", "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
-                f"--pid-file={self.root}/munge/munged.pid", f"--log-file={self.root}/log/munged.log",
-                f"--seed-file={self.root}/munge/munged.seed", "--num-threads=2",
+                f"--pid-file={self.munge_dir}/munged.pid", f"--log-file={self.root}/log/munged.log",
+                f"--seed-file={self.munge_dir}/munged.seed", "--num-threads=2",
             ])
             self._wait(lambda: self.munge_socket.exists(), 20, "munged to create its socket")
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf_path)])
@@ -285,6 +295,11 @@ PartitionName={self.partition} Nodes=localhost Default=YES MaxTime=INFINITE Stat
                 except ProcessLookupError:
                     pass
             self._reap(pid)
+        if self.owned and not self.is_running():
+            if self.sock_dir != self.root:
+                shutil.rmtree(self.sock_dir, ignore_errors=True)
+            if self._temp_root:
+                shutil.rmtree(self.root, ignore_errors=True)
 
     @staticmethod
     def _reap(pid: int) -> None:
