@@ -258,3 +258,15 @@ def test_f_requeue_limit(slurm_cluster, corpus, tmp_path):
     rank0 = task_log(dump, job)
     assert "not requeueing" in rank0 and "limit is 0" in rank0, rank0
     assert last_step(dump) in committed_steps(dump) and last_step(dump) < STEPS
+
+
+def test_g_sbatch_rejection_leaves_nothing(slurm_cluster, corpus, tmp_path):
+    """A submission the controller refuses (unknown partition) fails clearly and leaves no dump dir."""
+    dump = tmp_path / "dump"
+    cmd = [sys.executable, "-m", "lingua.stool", "script=apps.main.train", f"config={DEBUG_CONFIG}",
+           "partition=no_such_partition", "ngpu=0", "ntasks_per_node=2", "ncpu=1",
+           "--", f"dump_dir={dump}", f"data.root_dir={corpus}", *TINY]
+    res = subprocess.run(cmd, cwd=tmp_path, env=_env(slurm_cluster), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "sbatch failed" in res.stderr and "partition" in res.stderr.lower(), res.stderr
+    assert not dump.exists()
