@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -25,7 +26,6 @@ class WandbArgs:
 @dataclass
 class LoggingArgs:
     freq: int = 10  # log every this many steps
-    acc_freq: Optional[int] = None  # unused placeholder kept for Lingua config compatibility
     wandb: Optional[WandbArgs] = None  # set (e.g. logging.wandb.mode=offline) to log to Weights & Biases
 
 
@@ -89,7 +89,7 @@ def _init_wandb(args: WandbArgs, run_config, run_name: str, dump_dir: str):
     if os.path.exists(id_file):
         run_id = open(id_file).read().strip()
     else:
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:12]
         with open(id_file, "w") as f:
             f.write(run_id)
     run = wandb.init(
