@@ -156,3 +156,34 @@ def test_world_size_not_divisible_by_mesh(tmp_path, corpus):
     proc = run_train(cfg, str(tmp_path / "dump"), nproc=2, args=["distributed.dp_replicate=4"])
     _one_line_error(proc, "distributed.dp_replicate")
     _assert_no_progress(str(tmp_path / "dump"))
+
+
+@pytest.mark.parametrize(
+    "nproc, extra",
+    [
+        (2, ["distributed.fsdp_type=no_shard"]),
+        (2, ["distributed.activation_checkpointing=true"]),
+        (2, ["distributed.dp_replicate=2"]),  # HSDP layout with shard groups of 1
+    ],
+    ids=["no_shard", "activation_checkpointing", "hsdp"],
+)
+def test_parallelism_variants_match_full_shard(tmp_path, reference_run, nproc, extra):
+    """Other layouts of the same 2 data-parallel ranks compute the same losses (up to reduction order)."""
+    cfg, ref_dump = reference_run
+    dump = str(tmp_path / "dump")
+    proc = run_train(cfg, dump, nproc=nproc, args=extra)
+    assert proc.returncode == 0, output(proc)[-3000:]
+    ref, got = losses(ref_dump), losses(dump)
+    assert ref.keys() == got.keys()
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-4), step
+
+
+def test_bf16_mixed_precision_trains(tmp_path, reference_run):
+    cfg, ref_dump = reference_run
+    dump = str(tmp_path / "dump")
+    proc = run_train(cfg, dump, nproc=2, args=["distributed.model_dtype=bf16"])
+    assert proc.returncode == 0, output(proc)[-3000:]
+    ref, got = losses(ref_dump), losses(dump)
+    assert got[12] < got[1] - 0.5
+    assert all(abs(got[s] - ref[s]) < 0.1 for s in ref)  # bf16 compute tracks fp32 closely on this tiny run
