@@ -1,0 +1,1 @@
+"""Benchmarks: python -m apps.bench.run (see docs/benchmarks.md)."""
