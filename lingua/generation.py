@@ -104,6 +104,18 @@ def _model_args(model):
     return args
 
 
+def _lockstep_group(model):
+    """The process group whose ranks must make identical calls (an FSDP model sharded over the world), or None.
+    Sampled tokens are broadcast from rank 0 over it, so that every rank stops at the same step even if
+    logits differed in the last bit between devices."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    p = next(model.parameters())
+    return dist.group.WORLD if hasattr(p, "device_mesh") else None
+
+
 def _device_of(model) -> torch.device:
     p = next(model.parameters())
     return p.to_local().device if hasattr(p, "to_local") else p.device
@@ -147,6 +159,7 @@ def _generate_batch(model, prompts, args, eos_id, decode, max_seqlen, device, ge
         tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
     is_prompt = tokens >= 0
     caches = [KVCache(total) for _ in range(len(model.layers))] if args.use_cache else None
+    group = _lockstep_group(model)
     stopped = [False] * bsz
     prev = 0
     for cur in range(min(lens), total):
@@ -155,6 +168,8 @@ def _generate_batch(model, prompts, args, eos_id, decode, max_seqlen, device, ge
         else:
             logits = model(tokens[:, :cur])[:, -1]
         nxt = sample_tokens(logits, args.temperature, args.top_p, args.top_k, gen)
+        if group is not None:
+            torch.distributed.broadcast(nxt, src=0, group=group)
         nxt = torch.where(is_prompt[:, cur], tokens[:, cur], nxt)
         tokens[:, cur] = nxt
         prev = cur

@@ -866,6 +866,16 @@ def launch_async_eval(train_args, eval_args: EvalArgs):
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
+def _try_pin(ckpt_dir: str, tag: str) -> bool:
+    """Pin the checkpoint for the eval's duration (released when it finishes); a read-only one cannot be."""
+    try:
+        pin(ckpt_dir, tag)
+        return True
+    except OSError as e:
+        logger.warning(f"cannot pin {ckpt_dir} ({e}); retention of its run may delete it during the eval")
+        return False
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(EvalArgs, argv)
@@ -891,10 +901,9 @@ def main(argv=None) -> int:
         tokenizer = build_tokenizer(plan.tokenizer_args)
         model = load_eval_model(plan, dist_state, args.distributed)
         tag = eval_pin_tag(args.dump_dir)
-        if dist_state.is_master and plan.kind == "dcp":
-            pin(plan.ckpt_dir, tag)  # released when this eval has finished
+        pinned = dist_state.is_master and plan.kind == "dcp" and _try_pin(plan.ckpt_dir, tag)
         results = run_eval(args, plan, model, tokenizer, dist_state)
-        if dist_state.is_master and plan.kind == "dcp":
+        if pinned:
             unpin(plan.ckpt_dir, tag)
         if dist_state.is_master:
             print(json.dumps(results["metrics"], indent=1))
