@@ -201,12 +201,11 @@ def test_bit_flip_caught_by_checksum_when_verify_is_on(tmp_path, cfg, reference)
 def test_rank_that_cannot_see_newest_checkpoint_makes_all_fall_back(tmp_path, cfg, reference):
     dump = str(tmp_path / "run")
     _copy_run(reference["plain"], dump)
-    proc = run_train(cfg, dump, nproc=2, args=["steps=16"], env={"LINGUA_TEST_HIDE_CKPT": "1:12"})
+    proc = run_train(cfg, dump, nproc=2, env={"LINGUA_TEST_HIDE_CKPT": "1:12"})
     assert proc.returncode == 0, output(proc)[-4000:]
     assert "rank 1:" in output(proc) and f"resuming from {ckpt_path(dump, 8)}" in output(proc)
     # Both ranks continued from step 8: the logged steps 9..12 were recomputed and equal the reference.
-    got, ref = losses(dump), losses(reference["plain"])
-    assert all(got[s] == ref[s] for s in range(9, 13))
+    assert losses(dump) == losses(reference["plain"])
 
 
 # -------------------------------------------------------------------------------------- preemption
@@ -435,7 +434,7 @@ def test_checkpoint_from_a_different_model_shape(tmp_path, cfg, reference):
     proc = run_train(cfg, dump, nproc=2, args=["model.dim=64", "steps=16"])
     assert proc.returncode != 0
     assert "has shape" in proc.stderr and "model." in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert committed_steps(dump) == [4, 8, 12]
 
 
@@ -486,12 +485,13 @@ def test_save_that_does_not_fit_is_not_started(tmp_path, cfg, small_disk):
 
 
 def test_retention_frees_space_before_a_save(tmp_path, cfg, small_disk):
-    root = small_disk("1200k")
+    """keep=2 on a disk with room for two checkpoints: the oldest goes before the third is written."""
+    root = small_disk("2000k")
     dump = str(tmp_path / "run")
-    proc = run_train(cfg, dump, nproc=2, args=[f"checkpoint.path={root}/ck", "steps=12", "checkpoint.dump.keep=1"])
+    proc = run_train(cfg, dump, nproc=2, args=[f"checkpoint.path={root}/ck", "steps=12", "checkpoint.dump.keep=2"])
     assert proc.returncode == 0, output(proc)[-3000:]
     assert "NOT SAVING" not in output(proc)
-    assert sorted(int(n) for n in os.listdir(f"{root}/ck") if n.isdigit()) == [12]
+    assert sorted(int(n) for n in os.listdir(f"{root}/ck") if n.isdigit()) == [8, 12]
 
 
 def test_enospc_in_the_middle_of_a_write_leaves_nothing_loadable(tmp_path, cfg, small_disk):
