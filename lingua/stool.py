@@ -320,10 +320,15 @@ def render_submit_script(args: StoolArgs, dump_dir: str, workdir: str, code_dir:
 
 
 def _sbatch_env() -> dict:
-    """The submitting environment without the SLURM variables of an enclosing job (they would leak in)."""
+    """The submitting environment without the SLURM and torch.distributed variables of an enclosing job
+    (a job submitted from a training process would otherwise inherit its rank and world size)."""
     env = dict(os.environ)
+    launch_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                   "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_WORLD_SIZE", "ROLE_NAME"}
     for k in list(env):
         if (k.startswith("SLURM_") and k != "SLURM_CONF") or k.startswith(("SBATCH_", "SRUN_", "SALLOC_")):
+            del env[k]
+        elif k in launch_vars or k.startswith("TORCHELASTIC_"):
             del env[k]
     return env
 

@@ -17,7 +17,7 @@ def slurm_cluster():
     """A real single-node SLURM cluster on localhost (tests/slurm_cluster.py): `.env` (SLURM_CONF),
     `.client_env()`, `.partition`. Reuses a cluster started by `python tests/slurm_cluster.py start` when
     LINGUA_SLURM_DIR points at it. Skips only where the daemons cannot be started; with LINGUA_REQUIRE_SLURM=1
-    (CI) that is a failure instead."""
+    or CI=true that is a failure instead."""
     import slurm_cluster as sc
 
     reuse = os.environ.get("LINGUA_SLURM_DIR")
@@ -31,8 +31,8 @@ def slurm_cluster():
     try:
         cluster.start()
     except sc.ClusterUnavailable as e:
-        if os.environ.get("LINGUA_REQUIRE_SLURM") == "1":
-            pytest.fail(f"LINGUA_REQUIRE_SLURM=1 but the local SLURM cluster cannot start: {e}")
+        if os.environ.get("LINGUA_REQUIRE_SLURM") == "1" or os.environ.get("CI") == "true":
+            pytest.fail(f"CI / LINGUA_REQUIRE_SLURM=1 but the local SLURM cluster cannot start: {e}")
         pytest.skip(f"cannot start a local SLURM cluster: {e}")
     try:
         yield cluster

@@ -77,6 +77,12 @@ class TrainArgs:
             raise ConfigError("grad_acc_steps must be >= 1")
         if self.logging.freq < 1:
             raise ConfigError("logging.freq must be >= 1")
+        if self.eval is not None:
+            self.eval.validate()
+        if self.async_eval_gpus is not None and self.async_eval_gpus < 0:
+            raise ConfigError("async_eval_gpus must be >= 0 (0: a CPU eval job)")
+        if self.data.n_views < 2:
+            raise ConfigError("data.n_views must be >= 2 for training (inputs and targets)")
         if self.data.seq_len > self.model.max_seqlen:
             raise ConfigError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seqlen ({self.model.max_seqlen})")
 
