@@ -534,14 +534,16 @@ class CheckpointManager:
         if self.in_flight is not None and self._all_ok(not self.in_flight.thread.is_alive()):
             self._finish_async()
 
-    def wait(self) -> None:
-        """Block until the in-flight async save is written and committed (before exit, before a new save)."""
-        if self.in_flight is not None:
-            self.in_flight.thread.join()
-            self._all_ok(True)
-            self._finish_async()
+    def wait(self) -> bool:
+        """Block until the in-flight async save is written and committed (before exit, before a new save).
+        False if that save failed (nothing was committed)."""
+        if self.in_flight is None:
+            return True
+        self.in_flight.thread.join()
+        self._all_ok(True)
+        return self._finish_async()
 
-    def _finish_async(self) -> None:
+    def _finish_async(self) -> bool:
         flight, self.in_flight = self.in_flight, None
         ok = self._commit(flight.step, flight.staging, flight.result.get("files", {}), flight.result.get("error"),
                           flight.kinds)
@@ -550,6 +552,7 @@ class CheckpointManager:
                 f"async checkpoint step {flight.step} committed: training blocked {flight.blocked_s:.2f}s, "
                 f"write took {time.time() - flight.started:.2f}s"
             )
+        return ok
 
     def _commit(self, step, staging, files, error, kinds) -> bool:
         """Gather every rank's file records; rank 0 writes COMMIT.json last and publishes the folder."""

@@ -187,3 +187,14 @@ def test_bf16_mixed_precision_trains(tmp_path, reference_run):
     ref, got = losses(ref_dump), losses(dump)
     assert got[12] < got[1] - 0.5
     assert all(abs(got[s] - ref[s]) < 0.1 for s in ref)  # bf16 compute tracks fp32 closely on this tiny run
+
+
+def test_profiler_writes_a_trace(tmp_path, corpus):
+    cfg = tiny_config(str(tmp_path / "c.yaml"), corpus, steps=6)
+    dump = str(tmp_path / "dump")
+    proc = run_train(cfg, dump, nproc=0, args=["profiling.run=true", "profiling.wait=2", "profiling.steps=2"])
+    assert proc.returncode == 0, output(proc)[-3000:]
+    traces = os.listdir(os.path.join(dump, "profiling"))
+    assert traces == ["trace_step5_rank0.json"]
+    trace = json.load(open(os.path.join(dump, "profiling", traces[0])))
+    assert any("aten::mm" in e.get("name", "") or "aten::addmm" in e.get("name", "") for e in trace["traceEvents"])

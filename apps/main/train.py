@@ -44,6 +44,7 @@ from lingua.logger import init_logger
 from lingua.metrics import LoggingArgs, MetricLogger, gpu_peak_flops
 from lingua.optim import OptimArgs, build_optimizer
 from lingua.preemption import PreemptionHandler
+from lingua.profiling import ProfilerArgs, maybe_profile
 from lingua.tokenizer import build_tokenizer
 
 logger = logging.getLogger("train")
@@ -64,6 +65,7 @@ class TrainArgs:
     distributed: DistributedArgs = field(default_factory=DistributedArgs)  # parallelism, backend, precision
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)  # saving and resuming
     logging: LoggingArgs = field(default_factory=LoggingArgs)  # console / metrics.jsonl / wandb
+    profiling: ProfilerArgs = field(default_factory=ProfilerArgs)  # torch.profiler traces of a few steps
     eval: Optional[EvalArgs] = None  # what to evaluate at checkpoint.eval.every steps (docs/eval.md); null = no evals
     async_eval_gpus: Optional[int] = None  # unset: evals run inline on the training ranks; N: as SLURM jobs, N GPUs/node (0 = CPU)
 
@@ -153,7 +155,7 @@ def train(args: TrainArgs) -> int:
     init_logger(env.rank, os.path.join(args.dump_dir, "train.log"))
     preemption = PreemptionHandler().install()
     dist_state = setup_torch_distributed(args.distributed)
-    rank, is_master = dist_state.env.rank, dist_state.is_master
+    is_master = dist_state.is_master
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
@@ -202,7 +204,8 @@ def train(args: TrainArgs) -> int:
     exit_code = 0
     try:
         with build_dataloader(args.data, state.data_state, dp_rank=dist_state.dp_rank,
-                              dp_world_size=dist_state.dp_world_size) as batches:
+                              dp_world_size=dist_state.dp_world_size) as batches, \
+                maybe_profile(args.profiling, args.dump_dir, dist_state.env.rank, state.step) as profiler_step:
             while state.step < args.steps:
                 step_start = time.time()
                 loss_sum = 0.0
@@ -225,6 +228,7 @@ def train(args: TrainArgs) -> int:
                 state.acc_step = 0
                 state.data_state = data_state
                 window_tokens += tokens_per_step
+                profiler_step()
 
                 if state.step % args.gc_collect_freq == 0:
                     gc.collect()
@@ -271,9 +275,9 @@ def train(args: TrainArgs) -> int:
                         state.step, model, optimizer, train_state_dict(state, scheduler), kinds or ["dump"]
                     )
                     if state.step == args.steps or preempted:
-                        ckpt.wait()
+                        saved = ckpt.wait() and saved
                     if not saved and state.step == args.steps:
-                        exit_code = 1
+                        exit_code = 1  # the run finished but its final state is not on disk: say so
                     # EVAL HOOK: when "eval" in kinds and the save succeeded, evaluate the committed checkpoint
                     # (inline, or as a SLURM job when args.async_eval_gpus is set).
                     if "eval" in kinds and args.eval is not None:  # never raises: a failing eval is logged, training goes on
