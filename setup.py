@@ -21,6 +21,6 @@ setup(
         "wandb": ["wandb"],
         "eval": ["lm-eval"],
         "data": ["pyarrow"],
-        "dev": ["pytest", "hypothesis", "sentencepiece", "tiktoken", "pyarrow", "wandb"],
+        "dev": ["pytest", "hypothesis", "sentencepiece", "tiktoken", "pyarrow", "wandb", "lm-eval", "psutil"],
     },
 )
