@@ -344,6 +344,8 @@ class CheckpointManager:
         self.config_dict = config_dict
         self.in_flight: Optional[_InFlight] = None
         self.last_saved_step = -1
+        self._stager = None  # async saves: the DCP stager, kept so that its copy buffers are reused
+        self._staging = None  # async saves: completes when the in-flight save has its copy of the state
 
     # ------------------------------------------------------------------ collectives (CPU / gloo)
 
@@ -507,7 +509,18 @@ class CheckpointManager:
         return names
 
     def _start_async(self, step, staging, state, own_files, kinds, t0) -> bool:
-        fut = dcp.async_save(state, checkpoint_id=staging, process_group=self.async_group)
+        # The copy of the state (staging) runs in the background too; the trainer calls wait_staged() before
+        # the next optimizer step changes the state. One stager for the run: its buffers are reused by every
+        # save (at most one in flight), so a save does not allocate (or pin) a new copy each time.
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = self.dist.device.type == "cuda"
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=True, use_non_blocking_copy=cuda))
+        fut = dcp.async_save(state, checkpoint_id=staging, process_group=self.async_group,
+                             async_stager=self._stager)
+        self._staging = getattr(fut, "staging_completion", None)
         fut = getattr(fut, "upload_completion", fut)  # AsyncSaveResponse in some torch versions
         blocked = time.time() - t0
         flight = _InFlight(step, staging, kinds, None, t0, blocked)
@@ -529,6 +542,20 @@ class CheckpointManager:
         logger.info(f"async checkpoint step {step} started; training blocked {blocked:.2f}s")
         return True
 
+    def wait_staged(self) -> None:
+        """Call before anything changes the model or optimizer state (optimizer.step): returns once the in-flight
+        async save has its own copy of the state. Cheap when there is none or the copy is done."""
+        staged, self._staging = self._staging, None
+        if staged is None:
+            return
+        t = time.time()
+        try:
+            staged.result()
+        except BaseException:  # noqa: BLE001 (the write fails too and reports it; training goes on)
+            pass
+        if self.in_flight is not None:
+            self.in_flight.blocked_s += time.time() - t
+
     def poll(self) -> None:
         """Commit the async save if every rank has finished writing (a collective: call on all ranks)."""
         if self.in_flight is not None and self._all_ok(not self.in_flight.thread.is_alive()):
@@ -537,6 +564,7 @@ class CheckpointManager:
     def wait(self) -> bool:
         """Block until the in-flight async save is written and committed (before exit, before a new save).
         False if that save failed (nothing was committed)."""
+        self.wait_staged()
         if self.in_flight is None:
             return True
         self.in_flight.thread.join()

@@ -221,6 +221,7 @@ def train(args: TrainArgs) -> int:
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), max_norm=args.optim.clip if args.optim.clip > 0 else float("inf"), foreach=True
                 )
+                ckpt.wait_staged()  # an async save must have its copy of the state before the step changes it
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
