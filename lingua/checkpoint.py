@@ -527,7 +527,9 @@ class CheckpointManager:
 
         def finish():
             try:
-                time.sleep(float(os.environ.get("LINGUA_TEST_ASYNC_DELAY", "0")))  # test-only: widen the window
+                delay_step, _, delay = os.environ.get("LINGUA_TEST_ASYNC_DELAY", "").partition(":")
+                if delay_step and int(delay_step) == step:  # test-only: hold this step's commit back
+                    time.sleep(float(delay))
                 fut.result()
                 fault_point("after_shards", step)
                 flight.result["files"] = describe_files(

@@ -97,7 +97,7 @@ def kill_then_rerun(cfg, dump, fault, extra=(), env=None):
     [
         ("plain", [], {}, 8),
         # The async save of step 8 is held back (not committed) when rank 1 dies at step 10: resume from 4.
-        ("plain", ["checkpoint.async_save=true"], {"LINGUA_TEST_ASYNC_DELAY": "30"}, 4),
+        ("plain", ["checkpoint.async_save=true"], {"LINGUA_TEST_ASYNC_DELAY": "8:30"}, 4),
         ("acc", ["grad_acc_steps=2"], {}, 8),
     ],
     ids=["sync", "async-in-flight", "grad-acc"],
