@@ -8,6 +8,7 @@ import datetime
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -230,3 +231,17 @@ def parallelize_model(model: torch.nn.Module, mesh: DeviceMesh, args: Distribute
 def destroy():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_then_destroy(body, user_errors: tuple) -> int:
+    """Run an entry point's body. A problem with the user's input (bad config, unusable checkpoint, bad data)
+    ends it with one line on stderr and exit code 1 instead of a traceback; the process group is always
+    destroyed."""
+    try:
+        return body()
+    except user_errors as e:
+        logger.error(f"{type(e).__name__}: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        destroy()

@@ -51,7 +51,13 @@ from lingua.checkpoint import (
     write_json_atomic,
 )
 from lingua.data import DataError, find_validation_files, read_jsonl_documents
-from lingua.distributed import DistributedArgs, get_launch_env, parallelize_model, setup_torch_distributed
+from lingua.distributed import (
+    DistributedArgs,
+    get_launch_env,
+    parallelize_model,
+    run_then_destroy,
+    setup_torch_distributed,
+)
 from lingua.generation import GenerationArgs, generate
 from lingua.logger import init_logger
 from lingua.metrics import WandbArgs
@@ -889,14 +895,9 @@ def main(argv=None) -> int:
     env = get_launch_env()
     os.makedirs(args.dump_dir, exist_ok=True)
     init_logger(env.rank, os.path.join(args.dump_dir, "eval.log"))
-    try:
+    def body() -> int:
         plan = prepare_eval(args)
-    except (ConfigError, CheckpointError, EvalError, DataError) as e:
-        logger.error(f"{type(e).__name__}: {e}")
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    dist_state = setup_torch_distributed(args.distributed)
-    try:
+        dist_state = setup_torch_distributed(args.distributed)
         torch.manual_seed(0)
         tokenizer = build_tokenizer(plan.tokenizer_args)
         model = load_eval_model(plan, dist_state, args.distributed)
@@ -908,13 +909,8 @@ def main(argv=None) -> int:
         if dist_state.is_master:
             print(json.dumps(results["metrics"], indent=1))
         return 0
-    except (ConfigError, CheckpointError, EvalError, DataError) as e:
-        logger.error(f"{type(e).__name__}: {e}")
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    return run_then_destroy(body, (ConfigError, CheckpointError, EvalError, DataError))
 
 
 if __name__ == "__main__":

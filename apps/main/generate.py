@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 
 from apps.main.eval import EvalError, EvalPlan, load_eval_model, locate_checkpoint
 from lingua.args import ConfigError, parse_args
 from lingua.checkpoint import CheckpointError
-from lingua.distributed import DistributedArgs, get_launch_env, setup_torch_distributed
+from lingua.distributed import DistributedArgs, get_launch_env, run_then_destroy, setup_torch_distributed
 from lingua.generation import GenerationArgs, generate
 from lingua.logger import init_logger
 from lingua.tokenizer import TokenizerArgs, build_tokenizer
@@ -97,7 +96,8 @@ def main(argv=None) -> int:
                     run_dir=None, val_sources={}, val_spec={}, tasks=[],
                     tokenizer_args=TokenizerArgs(**((params.get("data") or {}).get("tokenizer") or {})))
     dist_state = setup_torch_distributed(args.distributed)
-    try:
+
+    def body() -> int:
         tokenizer = build_tokenizer(plan.tokenizer_args)
         model = load_eval_model(plan, dist_state, args.distributed)
         t0 = time.time()
@@ -116,12 +116,8 @@ def main(argv=None) -> int:
                 os.replace(tmp, args.output)
             print(f"[{len(prompts)} prompt(s), {time.time() - t0:.1f}s]", file=sys.stderr)
         return 0
-    except (ConfigError, CheckpointError, EvalError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    return run_then_destroy(body, (ConfigError, CheckpointError, EvalError, ValueError))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from lingua.distributed import (
     check_mesh_shape,
     get_launch_env,
     parallelize_model,
+    run_then_destroy,
     setup_torch_distributed,
 )
 from lingua.logger import init_logger
@@ -327,15 +328,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    try:
-        return train(args)
-    except (ConfigError, CheckpointError, DataError) as e:
-        logger.error(f"{type(e).__name__}: {e}")
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_then_destroy(lambda: train(args), (ConfigError, CheckpointError, DataError))
 
 
 if __name__ == "__main__":
