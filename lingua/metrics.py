@@ -54,7 +54,7 @@ class MetricLogger:
         self.file = open(path, "a")
         self.wandb = None
         if wandb_args is not None and wandb_args.mode != "disabled":
-            self.wandb = _init_wandb(wandb_args, run_config, run_name, dump_dir)
+            self.wandb = init_wandb(wandb_args, run_config, run_name, dump_dir)
 
     def _rewrite_up_to(self, step: int) -> None:
         if not os.path.exists(self.path):
@@ -81,16 +81,16 @@ class MetricLogger:
             self.wandb.finish()
 
 
-def _init_wandb(args: WandbArgs, run_config, run_name: str, dump_dir: str):
-    """Start or resume the wandb run whose id is stored in <dump_dir>/wandb_run_id."""
+def init_wandb(args: WandbArgs, run_config, run_name: str, dump_dir: str, id_file: str = "wandb_run_id"):
+    """Start, or resume after a restart, the wandb run whose id is stored in <dump_dir>/<id_file>."""
     import wandb
 
-    id_file = os.path.join(dump_dir, "wandb_run_id")
-    if os.path.exists(id_file):
-        run_id = open(id_file).read().strip()
+    id_path = os.path.join(dump_dir, id_file)
+    if os.path.exists(id_path):
+        run_id = open(id_path).read().strip()
     else:
         run_id = uuid.uuid4().hex[:12]
-        with open(id_file, "w") as f:
+        with open(id_path, "w") as f:
             f.write(run_id)
     run = wandb.init(
         project=args.project, entity=args.entity, mode=args.mode, tags=list(args.tags), group=args.group,

@@ -27,7 +27,6 @@ import os
 import re
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -60,7 +59,7 @@ from lingua.distributed import (
 )
 from lingua.generation import GenerationArgs, generate
 from lingua.logger import init_logger
-from lingua.metrics import WandbArgs
+from lingua.metrics import WandbArgs, init_wandb
 from lingua.tokenizer import TokenizerArgs, build_tokenizer
 from lingua.transformer import rope_tables
 
@@ -720,18 +719,7 @@ def _log_wandb(args: EvalArgs, plan: EvalPlan, metrics: dict, wandb_run) -> None
             return
         if args.wandb is None or args.wandb.mode == "disabled" or not plan.run_dir:
             return
-        import wandb
-
-        id_file = os.path.join(plan.run_dir, "wandb_eval_run_id")
-        if os.path.exists(id_file):
-            run_id = open(id_file).read().strip()
-        else:
-            run_id = uuid.uuid4().hex[:12]
-            with open(id_file, "w") as f:
-                f.write(run_id)
-        run = wandb.init(project=args.wandb.project, entity=args.wandb.entity, mode=args.wandb.mode,
-                         tags=list(args.wandb.tags), group=args.wandb.group, dir=args.wandb.dir or plan.run_dir,
-                         id=run_id, resume="allow", name=f"{args.name}")
+        run = init_wandb(args.wandb, None, args.name, plan.run_dir, id_file="wandb_eval_run_id")
         run.log({f"eval/{k}": v for k, v in metrics.items()} | {"global_step": plan.step})
         run.finish()
     except Exception as e:  # noqa: BLE001 (wandb must never fail an eval)
