@@ -113,6 +113,25 @@ def file_crc32(path: str, chunk: int = 8 << 20) -> int:
             crc = zlib.crc32(buf, crc)
 
 
+class _NoRecordCrc32:
+    """torch.save (which DCP calls for every tensor) also writes a crc32 of each record; nothing ever checks those
+    (torch.load does not), and computing them costs about as much as the write on a fast disk. A checkpoint's
+    integrity record is lingua's own crc32 of every file (checkpoint.checksums), so they are off while a save
+    writes; torch's setting is restored afterwards."""
+
+    def __enter__(self):
+        from torch.serialization import get_crc32_options, set_crc32_options
+
+        self.before = get_crc32_options()
+        set_crc32_options(False)
+        return self
+
+    def __exit__(self, *exc):
+        from torch.serialization import set_crc32_options
+
+        set_crc32_options(self.before)
+
+
 def describe_files(folder: str, names: list, checksums: bool) -> dict:
     """{name: {size, crc32?}} for files this rank wrote (fsynced first: the record must not lie)."""
     out = {}
@@ -490,7 +509,8 @@ class CheckpointManager:
         if self.args.async_save:
             return self._start_async(step, staging, state, own_files, kinds, t0)
         try:
-            dcp.save(state, checkpoint_id=staging, process_group=self.group)
+            with _NoRecordCrc32():
+                dcp.save(state, checkpoint_id=staging, process_group=self.group)
             fault_point("after_shards", step)
             files = describe_files(staging, own_files + self._dcp_files(staging), self.args.checksums)
             error = None
@@ -518,8 +538,13 @@ class CheckpointManager:
             cuda = self.dist.device.type == "cuda"
             self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                                         use_async_staging=True, use_non_blocking_copy=cuda))
-        fut = dcp.async_save(state, checkpoint_id=staging, process_group=self.async_group,
-                             async_stager=self._stager)
+        no_crc = _NoRecordCrc32().__enter__()  # until the background write is done (in finish)
+        try:
+            fut = dcp.async_save(state, checkpoint_id=staging, process_group=self.async_group,
+                                 async_stager=self._stager)
+        except BaseException:
+            no_crc.__exit__(None, None, None)
+            raise
         self._staging = getattr(fut, "staging_completion", None)
         fut = getattr(fut, "upload_completion", fut)  # AsyncSaveResponse in some torch versions
         blocked = time.time() - t0
@@ -537,6 +562,8 @@ class CheckpointManager:
                 )
             except (Exception, CheckpointException) as e:
                 flight.result["error"] = f"rank {self.rank}: {type(e).__name__}: {e}"
+            finally:
+                no_crc.__exit__(None, None, None)
 
         flight.thread = threading.Thread(target=finish, name=f"ckpt-{step}", daemon=True)
         flight.thread.start()
