@@ -213,11 +213,15 @@ class BaseTransformer(nn.Module):
             return base / math.sqrt(2 * depth)
         return base
 
+    def init_buffers(self) -> None:
+        """Rebuild the non-persistent buffers (the rotary table) on their device: enough before loading every
+        parameter from a checkpoint, where init_weights would be wasted work."""
+        _, head_dim, _ = self.args.heads
+        self.rope = rope_tables(head_dim, self.args.max_seqlen, self.args.rope_theta, device=self.rope.device)
+
     def init_weights(self, seed: int) -> None:
         """Deterministic init from (seed, parameter name), independent of the sharding."""
-        _, head_dim, _ = self.args.heads
-        device = self.rope.device
-        self.rope = rope_tables(head_dim, self.args.max_seqlen, self.args.rope_theta, device=device)
+        self.init_buffers()
         for name, param in self.named_parameters():
             clean = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
             kind = "ones" if clean.endswith("norm.weight") else "trunc_normal"

@@ -108,12 +108,16 @@ class TrainState:
     data_state: Optional[dict] = None  # data-loader state after the last consumed batch
 
 
-def build_model(args: TrainArgs, dist_state) -> LMTransformer:
+def build_model(args: TrainArgs, dist_state, init: bool = True) -> LMTransformer:
+    """The sharded model; init=False when every parameter is loaded next (resume): only buffers are built."""
     with torch.device("meta"):
         model = LMTransformer(args.model)
     model = parallelize_model(model, dist_state.mesh, args.distributed)
     model.to_empty(device=dist_state.device)
-    model.init_weights()
+    if init:
+        model.init_weights()
+    else:
+        model.init_buffers()
     return model
 
 
@@ -166,15 +170,16 @@ def train(args: TrainArgs) -> int:
     elif args.model.vocab_size < tokenizer.n_words:
         raise ConfigError(f"model.vocab_size ({args.model.vocab_size}) < tokenizer vocabulary ({tokenizer.n_words})")
 
-    model = build_model(args, dist_state)
-    n_params = num_params(model)
-    logger.info(f"model: {n_params / 1e6:.2f}M parameters, {args.model.n_layers} layers, dim {args.model.dim}")
-    optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
-
     config_dict = config_to_dict(args)
     ckpt = CheckpointManager(args.checkpoint, args.dump_dir, dist_state, config_dict)
     ckpt.prepare()
     resume_dir = ckpt.resolve()
+    # Resuming loads every parameter: initialising them first would be wasted (seconds on CPU).
+    model = build_model(args, dist_state, init=not resume_dir)
+    n_params = num_params(model)
+    logger.info(f"model: {n_params / 1e6:.2f}M parameters, {args.model.n_layers} layers, dim {args.model.dim}")
+    optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
+
     if resume_dir:
         state = restore(args, resume_dir, model, optimizer, scheduler, dist_state)
     else:
