@@ -317,11 +317,36 @@ def _flatten(obj, prefix: str):
         yield prefix, obj
 
 
+def _init_adam_state(optimizer) -> None:
+    """Create the zero moments of a fresh Adam/AdamW, exactly as its first step would, for a checkpoint to be loaded
+    into. Otherwise get_state_dict creates them by running a whole optimizer step on zero gradients (most of the
+    load time on CPU). Other optimizers, or one that has state already, are left to torch."""
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    if optimizer.state or type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam):
+        return
+    for group in optimizer.param_groups:
+        on_device = group.get("capturable") or group.get("fused")
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            state = optimizer.state[p]
+            state["step"] = (
+                torch.zeros((), dtype=_get_scalar_dtype(is_fused=group.get("fused")), device=p.device)
+                if on_device else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+            )
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 def load_model_optim(ckpt_dir: str, model, optimizer=None) -> None:
     """Load (and reshard, whatever the world size was) model and optionally optimizer state."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict, set_state_dict
 
     if optimizer is not None:
+        _init_adam_state(optimizer)
         state = model_optim_state(model, optimizer)
     else:
         state = {"model": get_model_state_dict(model)}
