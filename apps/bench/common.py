@@ -189,7 +189,9 @@ def free_port() -> int:
 def bench_env(threads: int) -> dict:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads)
-    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # LINGUA_BENCH_SRC=<another checkout> runs the launched processes on that tree (A/B of a change).
+    src = os.environ.get("LINGUA_BENCH_SRC", REPO_ROOT)
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LINGUA_FAULT"):
         env.pop(key, None)
     return env
@@ -207,7 +209,8 @@ def run_logged(cmd: List[str], log_path: str, env: dict, timeout: float) -> floa
 
     start = time.time()
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=os.environ.get("LINGUA_BENCH_SRC", REPO_ROOT),
                                 start_new_session=True)
         try:
             proc.wait(timeout=timeout)

@@ -1,0 +1,314 @@
+"""Checkpoint save cost: lingua.checkpoint.CheckpointManager (sync and async) against raw writes of the same bytes.
+
+One torchrun launch (N processes) builds the trainer's model and optimizer (apps.main.train.build_model, one
+optimizer step so that AdamW's moments exist) at a size whose checkpoint is a few hundred MB, then, `repeats`
+times in rotating order:
+  - raw:   every rank writes its local shards of the same tensors (model + optimizer state), padded to the bytes
+           it wrote into the checkpoint, to one file (write + fsync); barrier to barrier, on rank 0;
+  - sync:  CheckpointManager.save with checkpoint.async_save=false (everything: state dict, train state, DCP
+           shards, fsync, crc32 records, commit), barrier to barrier; also with checkpoint.checksums=false;
+  - async: CheckpointManager.save with checkpoint.async_save=true, then one training step as the trainer does it
+           (forward, backward, clip, wait_staged, optimizer step), then wait() for the commit. `blocking` = the
+           save() call + the wait for the copy of the state before the optimizer step; `background` = from
+           save() returning to the commit (the training step ran meanwhile). The step's time is compared with a
+           step without a save in flight, measured in the same round.
+Each checkpoint is deleted (untimed) before the next measurement.
+
+    python -m apps.bench.run --only ckpt
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+from apps.bench import common
+
+TARGET_SYNC_BW = 0.8  # sync save bandwidth / raw write bandwidth
+TARGET_ASYNC_BLOCK = 0.10  # async blocking time / sync save time
+
+# ~57M parameters: fp32 weights + two AdamW moments = ~690 MB per checkpoint.
+MODEL = {"dim": 768, "n_layers": 8, "n_heads": 12, "n_kv_heads": 12, "multiple_of": 256}
+QUICK_MODEL = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32}
+
+
+def model_overrides(ctx: common.BenchContext) -> dict:
+    """The checkpoint-sized model (shared with the resume benchmark): small batches, one logged step."""
+    model = dict(QUICK_MODEL if ctx.quick else MODEL)
+    model["max_seqlen"] = 64
+    return {"model": model, "data": {"batch_size": 1, "seq_len": 32 if ctx.quick else 64, "prefetch_size": 2},
+            "logging": {"freq": 1}, "checkpoint": {"dump": {"every": -1}, "eval": {"every": -1}}}
+
+
+# ------------------------------------------------------------------------------------------ runner side
+
+
+def run(ctx: common.BenchContext) -> dict:
+    repeats = 1 if ctx.quick else ctx.repeats
+    config = common.write_config(ctx, "ckpt", model_overrides(ctx))
+    work = os.path.join(ctx.work_dir, "ckpt")
+    common.clean_dir(work)
+    os.makedirs(work)
+    out = os.path.join(work, "result.json")
+    ctx.say(f"ckpt: torchrun x{ctx.nproc}, {repeats} x (raw, sync, async)")
+    common.run_logged(
+        common.torchrun_cmd(ctx.nproc, "apps.bench.ckpt_bench",
+                            ["--worker", "--config", config, "--work", work, "--out", out, "--repeats", str(repeats)]),
+        os.path.join(work, "log.txt"), common.bench_env(ctx.threads), timeout=1800)
+    raw = common.read_json(out)
+    common.clean_dir(os.path.join(work, "dump"))
+    common.clean_dir(os.path.join(work, "raw"))
+    nbytes = raw["bytes"]
+    raw_s, sync_s = common.median(raw["raw_s"]), common.median(raw["sync_s"])
+    block_s, bg_s = common.median(raw["async_block_s"]), common.median(raw["async_background_s"])
+    # Ratios per interleaved round, then the median.
+    bw_ratio = common.median([r / s for r, s in zip(raw["raw_s"], raw["sync_s"])])
+    block_ratio = common.median([b / s for b, s in zip(raw["async_block_s"], raw["sync_s"])])
+    return {
+        "nproc": raw["world_size"],
+        "n_params": raw["n_params"],
+        "bytes": nbytes,
+        "raw_write_s": raw_s,
+        "raw_write_bytes_per_s": nbytes / raw_s,
+        "sync_save_s": sync_s,
+        "sync_save_bytes_per_s": nbytes / sync_s,
+        "sync_vs_raw_bandwidth": bw_ratio,
+        "sync_save_no_checksums_s": common.median(raw["sync_nocrc_s"]),
+        "sync_no_checksums_vs_raw_bandwidth": common.median([r / s for r, s in zip(raw["raw_s"], raw["sync_nocrc_s"])]),
+        "async_blocking_s": block_s,
+        "async_background_s": bg_s,
+        "async_save_call_s": common.median(raw["async_save_call_s"]),
+        "async_staged_wait_s": common.median(raw["async_staged_wait_s"]),
+        "async_blocking_vs_sync": block_ratio,
+        "step_s": common.median(raw["step_s"]),
+        "step_during_async_s": common.median(raw["step_during_async_s"]),
+        "step_slowdown_during_async": common.median(
+            [d / n for d, n in zip(raw["step_during_async_s"], raw["step_s"])]),
+        "runs": {k: raw[k] for k in ("raw_s", "sync_s", "sync_nocrc_s", "async_block_s", "async_save_call_s", "async_staged_wait_s",
+                                     "async_background_s", "step_during_async_s", "step_s")},
+        "checksums": raw["checksums"],
+        "targets": {"sync_vs_raw_bandwidth": TARGET_SYNC_BW, "async_blocking_vs_sync": TARGET_ASYNC_BLOCK},
+    }
+
+
+def rows(res: dict) -> list:
+    return [
+        common.Row("ckpt", f"checkpoint size ({res['n_params'] / 1e6:.3g}M params + AdamW)", res["bytes"], "B"),
+        common.Row("ckpt", "sync save bandwidth", res["sync_save_bytes_per_s"], "B/s", res["raw_write_bytes_per_s"],
+                   "raw write+fsync", res["sync_vs_raw_bandwidth"], f">= {TARGET_SYNC_BW}",
+                   common.check(res["sync_vs_raw_bandwidth"], f">= {TARGET_SYNC_BW}")),
+        common.Row("ckpt", "sync save time", res["sync_save_s"], "s", res["raw_write_s"], "raw write+fsync",
+                   common.ratio(res["sync_save_s"], res["raw_write_s"])),
+        common.Row("ckpt", "sync save bandwidth, checkpoint.checksums=false",
+                   common.ratio(res["bytes"], res["sync_save_no_checksums_s"]), "B/s", res["raw_write_bytes_per_s"],
+                   "raw write+fsync", res["sync_no_checksums_vs_raw_bandwidth"]),
+        common.Row("ckpt", "async save: training blocked", res["async_blocking_s"], "s", res["sync_save_s"],
+                   "sync save", res["async_blocking_vs_sync"], f"<= {TARGET_ASYNC_BLOCK}",
+                   common.check(res["async_blocking_vs_sync"], f"<= {TARGET_ASYNC_BLOCK}")),
+        common.Row("ckpt", "async save: background until commit", res["async_background_s"], "s", res["sync_save_s"],
+                   "sync save", common.ratio(res["async_background_s"], res["sync_save_s"])),
+        common.Row("ckpt", "training step while the async save runs", res["step_during_async_s"], "s", res["step_s"],
+                   "step, no save", res["step_slowdown_during_async"]),
+    ]
+
+
+# ------------------------------------------------------------------------------------------ worker side
+
+
+def _local_tensors(model, optimizer) -> list:
+    """This rank's shards of every tensor a checkpoint holds (model + optimizer state), as byte views."""
+    import torch
+
+    from lingua.checkpoint import _flatten, model_optim_state
+
+    out = []
+    for _, v in _flatten(model_optim_state(model, optimizer), ""):
+        if isinstance(v, torch.Tensor):
+            t = (v.to_local() if hasattr(v, "to_local") else v).detach().contiguous().reshape(-1)
+            out.append(t.view(torch.uint8).numpy())
+    return out
+
+
+def _raw_write(path: str, arrays: list, nbytes: int) -> None:
+    """The tensors' bytes (then zeros up to nbytes) into one file, write + fsync."""
+    written = 0
+    with open(path, "wb", buffering=0) as f:
+        for a in arrays:
+            if written + a.nbytes > nbytes:
+                a = a[: nbytes - written]
+            f.write(memoryview(a))
+            written += a.nbytes
+        pad = nbytes - written
+        zeros = bytes(min(pad, 8 << 20))
+        while pad > 0:
+            n = min(pad, len(zeros))
+            f.write(zeros[:n])
+            pad -= n
+        os.fsync(f.fileno())
+
+
+def _train_step(model, optimizer, tokens, ckpt=None) -> tuple:
+    """One step as the trainer runs it: (step seconds, seconds waiting for an async save's copy)."""
+    import torch
+
+    t0 = time.perf_counter()
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0, foreach=True)
+    waited = 0.0
+    if ckpt is not None:
+        t = time.perf_counter()
+        ckpt.wait_staged()
+        waited = time.perf_counter() - t
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0, waited
+
+
+def build_trained(config: str, dump_dir: str, extra=()):
+    """(args, dist_state, model, optimizer, scheduler) of the trainer after one real optimizer step."""
+    import torch
+
+    from apps.main.train import build_model, load_train_config
+    from lingua.distributed import setup_torch_distributed
+    from lingua.optim import build_optimizer
+    from lingua.tokenizer import build_tokenizer
+
+    args = load_train_config([f"config={config}", f"dump_dir={dump_dir}", *extra])
+    dist_state = setup_torch_distributed(args.distributed)
+    args.model.vocab_size = build_tokenizer(args.data.tokenizer).n_words
+    model = build_model(args, dist_state)
+    optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
+    g = torch.Generator().manual_seed(dist_state.env.rank)
+    tokens = torch.randint(0, args.model.vocab_size, (args.data.batch_size, args.data.seq_len + 1), generator=g)
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return args, dist_state, model, optimizer, scheduler
+
+
+def worker(a) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from apps.main.train import TrainState, train_state_dict
+    from apps.main.transformer import num_params
+    from lingua.args import config_to_dict
+    from lingua.checkpoint import CheckpointManager, read_commit
+
+    dump = os.path.join(a.work, "dump")
+    args, dist_state, model, optimizer, scheduler = build_trained(a.config, dump)
+    rank, world = dist_state.env.rank, dist_state.env.world_size
+    group = dist_state.cpu_group
+    train_state = train_state_dict(TrainState(step=1, data_state={"bench": True}), scheduler)
+    managers = {}
+    for kind in ("sync", "async", "sync_nocrc"):
+        cargs = type(args.checkpoint)(**{**args.checkpoint.__dict__})
+        cargs.async_save = kind == "async"
+        cargs.checksums = args.checkpoint.checksums and kind != "sync_nocrc"
+        cargs.path = os.path.join(dump, f"checkpoints_{kind}")
+        managers[kind] = CheckpointManager(cargs, dump, dist_state, config_to_dict(args))
+        managers[kind].prepare()
+    raw_dir = os.path.join(a.work, "raw")
+    os.makedirs(raw_dir, exist_ok=True)
+    arrays = _local_tensors(model, optimizer)
+    g = torch.Generator().manual_seed(rank)
+    tokens = torch.randint(0, args.model.vocab_size, (args.data.batch_size, args.data.seq_len + 1), generator=g)
+    res = {"world_size": world, "n_params": num_params(model), "checksums": args.checkpoint.checksums,
+           "raw_s": [], "sync_s": [], "sync_nocrc_s": [], "async_block_s": [], "async_save_call_s": [], "async_staged_wait_s": [],
+           "async_background_s": [], "step_during_async_s": [], "step_s": [], "bytes": None}
+    my_bytes = None
+    step = 1000
+
+    def timed(fn):
+        dist.barrier(group=group)
+        t = time.perf_counter()
+        out = fn()
+        dist.barrier(group=group)
+        return time.perf_counter() - t, out
+
+    def rank_max(x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return t.item()
+
+    def remove(path):
+        dist.barrier(group=group)
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        dist.barrier(group=group)
+
+    # Round 0 is untimed: it learns the byte counts and warms every code path.
+    order = ["sync", "raw", "async", "sync_nocrc"]
+    for r in range(a.repeats + 1):
+        step_s, _ = _train_step(model, optimizer, tokens)  # a step with no save in flight, this round
+        if r:
+            res["step_s"].append(rank_max(step_s))
+        for kind in order:
+            step += 1
+            if kind == "raw":
+                path = os.path.join(raw_dir, f"rank_{rank:05d}.bin")
+                s, _ = timed(lambda: _raw_write(path, arrays, my_bytes))
+                os.remove(path)
+                if r:
+                    res["raw_s"].append(s)
+                continue
+            mgr = managers[kind]
+            if kind in ("sync", "sync_nocrc"):
+                s, ok = timed(lambda: mgr.save(step, model, optimizer, train_state, ["dump"]))
+                assert ok, "sync save failed"
+                if r:
+                    res[f"{kind}_s"].append(s)
+            else:
+                call, ok = timed(lambda: mgr.save(step, model, optimizer, train_state, ["dump"]))
+                assert ok, "async save failed"
+                t_return = time.perf_counter()
+                during, waited = _train_step(model, optimizer, tokens, mgr)
+                mgr.wait()
+                dist.barrier(group=group)
+                background = time.perf_counter() - t_return
+                if r:
+                    waited, during = rank_max(waited), rank_max(during)
+                    res["async_save_call_s"].append(call)
+                    res["async_staged_wait_s"].append(waited)
+                    res["async_block_s"].append(call + waited)
+                    res["async_background_s"].append(background)
+                    res["step_during_async_s"].append(during)
+            ckpt_dir = os.path.join(mgr.root, f"{step:010d}")
+            files = read_commit(ckpt_dir)["files"] if rank == 0 else None
+            box = [files]
+            dist.broadcast_object_list(box, src=0, group=group)
+            files = box[0]
+            res["bytes"] = sum(f["size"] for f in files.values())
+            mine = [n for n in files if n.startswith(f"__{rank}_")]
+            if rank == 0:
+                mine += [n for n in files if not n.startswith("__")]
+            else:
+                mine += [n for n in files if n == f"train_state_{dist_state.dp_rank:05d}.json"]
+            my_bytes = sum(files[n]["size"] for n in set(mine))
+            remove(ckpt_dir)
+        order = order[1:] + order[:1]  # rotate: each kind runs first, middle and last
+    if rank == 0:
+        common.write_json(a.out, res)
+    dist.destroy_process_group()
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worker", action="store_true", help="(internal) run as a torchrun worker")
+    p.add_argument("--config")
+    p.add_argument("--work")
+    p.add_argument("--out")
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args(argv)
+    if a.worker:
+        return worker(a)
+    from apps.bench.run import main as run_main
+
+    return run_main(["--only", "ckpt"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Run the benchmarks, print one table, write JSON.
+
+    python -m apps.bench.run [--only train,ckpt,resume,data,scaling] [--out bench.json] [--quick]
+
+Parts (each a ratio against a baseline measured in the same run; see docs/benchmarks.md):
+  train    the trainer's tokens/s against a plain FSDP2 loop (2 processes), MFU against a measured matmul peak
+  scaling  the same with 1, 2, ... processes
+  ckpt     checkpoint save (sync, async) against raw write + fsync of the same bytes
+  resume   process start -> first step when resuming vs a fresh start; checkpoint load vs raw read
+  data     the data loader (apps/bench/data_bench.py) and its headroom over what the trainer consumes
+A part that fails is reported in the JSON (and the exit code is 1); the others still run.
+"""
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+from apps.bench import common
+
+PARTS = ("train", "scaling", "ckpt", "resume", "data")
+MODULES = {"train": "apps.bench.train_bench", "scaling": "apps.bench.scaling_bench", "ckpt": "apps.bench.ckpt_bench",
+           "resume": "apps.bench.resume_bench", "data": "apps.bench.data_bench"}
+
+
+def data_vs_trainer(data_res: dict, train_res: dict) -> dict:
+    """Loader headroom: tokens/s one loader process makes (bytes tokenizer, async, as the debug config) against
+    the tokens/s one trainer rank consumes (each rank has its own loader process)."""
+    made = data_res.get("bytes", {}).get("async", {}).get("tokens_per_s")
+    consumed = train_res["trainer_tokens_per_s"] / train_res["nproc"] if train_res.get("trainer_tokens_per_s") else None
+    return {"loader_tokens_per_s": made, "trainer_tokens_per_s_per_rank": consumed,
+            "headroom": common.ratio(made, consumed)}
+
+
+def headroom_rows(h: dict) -> list:
+    return [common.Row("data", "loader tokens/s (bytes, async) vs one trainer rank's use", h["loader_tokens_per_s"],
+                       "tok/s", h["trainer_tokens_per_s_per_rank"], "trainer rank consumes", h["headroom"], ">= 1.0",
+                       common.check(h["headroom"], ">= 1.0"))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m apps.bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts, of {','.join(PARTS)}")
+    p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke test, not figures")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per measurement (median)")
+    p.add_argument("--nproc", type=int, default=2, help="processes of the distributed parts (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per process (default 1, as torchrun)")
+    p.add_argument("--work-dir", default=None, help="scratch folder (default: a temp dir, removed at the end)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, configs)")
+    p.add_argument("--markdown", default=None, help="also write the table with the machine line to this file")
+    a = p.parse_args(argv)
+    parts = [x.strip() for x in a.only.split(",") if x.strip()]
+    unknown = [x for x in parts if x not in PARTS]
+    if unknown:
+        p.error(f"unknown part(s) {unknown}; choose from {','.join(PARTS)}")
+    parts = [x for x in PARTS if x in parts]  # fixed order: scaling reuses train, data compares with train
+
+    work = a.work_dir or tempfile.mkdtemp(prefix="lingua_bench_")
+    os.makedirs(work, exist_ok=True)
+    ctx = common.BenchContext(work_dir=work, quick=a.quick, repeats=a.repeats, nproc=a.nproc, threads=a.threads)
+    machine = common.machine_info()
+    ctx.say(f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}; parts {parts}; work dir {work}")
+    report = {"machine": machine, "git": common.git_revision(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "quick": a.quick, "repeats": a.repeats, "nproc": a.nproc, "threads": a.threads, "parts": {},
+              "errors": {}}
+    rows = []
+    t_start = time.time()
+    for part in parts:
+        t0 = time.time()
+        try:
+            mod = importlib.import_module(MODULES[part])
+            res = mod.run(ctx)
+            res["seconds"] = round(time.time() - t0, 1)
+            ctx.results[part] = res
+            report["parts"][part] = res
+            rows += [r.as_dict() for r in mod.rows(res)]
+            if part == "data" and "train" in ctx.results:
+                res["vs_trainer"] = data_vs_trainer(res, ctx.results["train"])
+                rows += [r.as_dict() for r in headroom_rows(res["vs_trainer"])]
+            ctx.say(f"{part}: done in {time.time() - t0:.0f}s")
+        except Exception as e:  # noqa: BLE001 (report it, run the other parts)
+            report["errors"][part] = f"{type(e).__name__}: {e}"
+            ctx.say(f"{part}: FAILED: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+    report["seconds"] = round(time.time() - t_start, 1)
+    report["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["rows"] = rows
+    table = common.format_table(rows)
+    report["table"] = table
+    common.write_json(a.out, report)
+    machine_line = (f"{machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "
+                    f"{machine['mem_gib']} GiB RAM, torch {machine['torch']}, Python {machine['python']}; "
+                    f"{a.nproc} processes x {a.threads} thread; load average {machine['load_avg_at_start'][0]} at "
+                    f"start, {report['load_avg_at_end'][0]} at end; {report['seconds']:.0f} s in all")
+    if a.quick:
+        machine_line += "\nQUICK MODE (--quick): tiny sizes, one repeat; a smoke test, the figures mean nothing"
+    print(table)
+    print(machine_line)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(f"{table}\n\n{machine_line}\n")
+    if report["errors"]:
+        print("FAILED parts: " + "; ".join(f"{k}: {v}" for k, v in report["errors"].items()), file=sys.stderr)
+    if not a.work_dir and not a.keep:
+        common.clean_dir(work)
+    elif a.keep:
+        ctx.say(f"kept {work}")
+    ctx.say(f"wrote {a.out}")
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

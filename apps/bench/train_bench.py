@@ -1,0 +1,265 @@
+"""Training throughput: the real trainer against a minimal reference loop, in the same processes.
+
+One torchrun launch (N processes) runs, alternately and `repeats` times:
+  - the trainer: `apps.main.train.main([config=..., ...])`, the exact code path of
+    `torchrun -m apps.main.train config=...` (FSDP2 via parallelize_model, data loader process, logging,
+    preemption agreement, checkpointing off apart from the final save, which falls outside the timed window).
+    Its tokens/s come from its own metrics.jsonl: the `created_at` times of the records at step `warmup` and at
+    the last step (so start-up, the first batches and the final save are excluded).
+  - the reference: plain PyTorch around the same model class: `fully_shard` on each block and the root over a
+    1-D mesh of the same processes, the same batch shape (in memory), AdamW(foreach), clip_grad_norm_, and a
+    barrier-timed loop over the same steps.
+The ratio trainer / reference is taken per pair and the median reported. MFU uses the FLOPs per token of
+apps.main.transformer.flops_per_token against the matmul peak measured in the same processes (each rank times
+a large torch.mm at the same time; the peaks are summed).
+
+    python -m apps.bench.run --only train
+"""
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+from apps.bench import common
+
+TARGET_RATIO = 0.97
+
+
+# ------------------------------------------------------------------------------------------ runner side
+
+
+def sizes(ctx: common.BenchContext) -> dict:
+    if ctx.quick:
+        return {"steps": 6, "warmup": 2, "log_freq": 2, "repeats": 1, "mm": 256}
+    return {"steps": 70, "warmup": 20, "log_freq": 10, "repeats": ctx.repeats, "mm": 2048}
+
+
+def launch(ctx: common.BenchContext, nproc: int, mode: str = "both", tag: str = "train") -> dict:
+    """Run the worker under torchrun with `nproc` processes; returns its JSON result."""
+    sz = sizes(ctx)
+    overrides = {"logging": {"freq": sz["log_freq"]}, "steps": sz["steps"],
+                 "checkpoint": {"dump": {"every": -1}, "eval": {"every": -1}}}
+    if ctx.quick:
+        overrides["model"] = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32}
+        overrides["data"] = {"batch_size": 2, "seq_len": 32, "prefetch_size": 4}
+    config = common.write_config(ctx, f"{tag}_{nproc}", overrides)
+    work = os.path.join(ctx.work_dir, f"{tag}_{nproc}")
+    common.clean_dir(work)
+    os.makedirs(work)
+    out = os.path.join(work, "result.json")
+    args = ["--worker", "--config", config, "--work", work, "--out", out, "--mode", mode,
+            "--steps", str(sz["steps"]), "--warmup", str(sz["warmup"]), "--repeats", str(sz["repeats"]),
+            "--mm", str(sz["mm"])]
+    ctx.say(f"{tag}: torchrun x{nproc}, {sz['repeats']} x ({mode}), {sz['steps']} steps each")
+    common.run_logged(common.torchrun_cmd(nproc, "apps.bench.train_bench", args), os.path.join(work, "log.txt"),
+                      common.bench_env(ctx.threads), timeout=1800)
+    res = common.read_json(out)
+    res["config"] = config
+    return res
+
+
+def summarize(raw: dict) -> dict:
+    """Medians and the per-pair ratios of a worker result."""
+    trainer, reference = raw.get("trainer_tps", []), raw.get("reference_tps", [])
+    pairs = [t / r for t, r in zip(trainer, reference) if t and r]
+    tps = common.median(trainer)
+    out = {
+        "nproc": raw["world_size"],
+        "threads_per_proc": raw["threads"],
+        "tokens_per_step_per_rank": raw["tokens_per_step"],
+        "n_params": raw["n_params"],
+        "flops_per_token": raw["flops_per_token"],
+        "trainer_tokens_per_s": tps,
+        "trainer_tokens_per_s_runs": trainer,
+        "reference_tokens_per_s": common.median(reference),
+        "reference_tokens_per_s_runs": reference,
+        "ratio": common.median(pairs),
+        "ratio_runs": pairs,
+        "matmul_peak_flops": raw["peak_flops"],
+        "steps_timed": raw["steps"] - raw["warmup"],
+    }
+    if tps and raw["peak_flops"]:
+        out["mfu"] = raw["flops_per_token"] * tps / raw["peak_flops"]
+    if out["reference_tokens_per_s"] and raw["peak_flops"]:
+        out["reference_mfu"] = raw["flops_per_token"] * out["reference_tokens_per_s"] / raw["peak_flops"]
+    return out
+
+
+def run(ctx: common.BenchContext) -> dict:
+    res = summarize(launch(ctx, ctx.nproc, "both"))
+    res["target_ratio"] = TARGET_RATIO
+    return res
+
+
+def rows(res: dict) -> list:
+    n = res["nproc"]
+    return [
+        common.Row("train", f"tokens/s, trainer, {n} procs", res["trainer_tokens_per_s"], "tok/s",
+                   res["reference_tokens_per_s"], "plain FSDP2 loop", res["ratio"], f">= {TARGET_RATIO}",
+                   common.check(res["ratio"], f">= {TARGET_RATIO}")),
+        common.Row("train", "MFU, trainer", res.get("mfu"), "%", res.get("reference_mfu"), "plain loop MFU",
+                   None),
+        common.Row("train", "matmul peak (sum of ranks)", res["matmul_peak_flops"], "FLOP/s"),
+    ]
+
+
+# ------------------------------------------------------------------------------------------ worker side
+
+
+def _trainer_tps(metrics_path: str, warmup: int, steps: int, tokens_per_step: int, world: int) -> float:
+    """Tokens/s of all ranks between the logged steps `warmup` and `steps`, from the trainer's own records."""
+    records = {}
+    with open(metrics_path) as f:
+        for line in f:
+            r = json.loads(line)
+            records[r["global_step"]] = r
+    t0, t1 = records[warmup]["created_at"], records[steps]["created_at"]
+    return (steps - warmup) * tokens_per_step * world / (t1 - t0)
+
+
+def _build_reference(train_args, mesh):
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    from apps.main.transformer import LMTransformer
+
+    with torch.device("meta"):
+        model = LMTransformer(train_args.model)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    o = train_args.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.epsilon,
+                            weight_decay=o.weight_decay, foreach=True)
+    return model, opt
+
+
+def _reference_tps(train_args, steps: int, warmup: int, mm: int, rdzv):
+    """(tokens/s of all ranks, summed matmul FLOP/s of all ranks timed at the same time) of the plain loop."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rdzv.next()
+    dist.init_process_group("gloo")
+    try:
+        world = dist.get_world_size()
+        peak = None
+        if mm:
+            dist.barrier()
+            t = torch.tensor([common.matmul_peak_flops(mm)], dtype=torch.float64)
+            dist.all_reduce(t)
+            peak = t.item()
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+        model, opt = _build_reference(train_args, mesh)
+        d = train_args.data
+        g = torch.Generator().manual_seed(dist.get_rank())
+        batches = [torch.randint(0, train_args.model.vocab_size, (d.batch_size, d.seq_len + 1), generator=g)
+                   for _ in range(8)]
+        clip = train_args.optim.clip if train_args.optim.clip > 0 else float("inf")
+        gc.disable()  # as the trainer does
+        t0 = None
+        for step in range(steps):
+            if step == warmup:
+                dist.barrier()
+                t0 = time.perf_counter()
+            b = batches[step % len(batches)]
+            loss = model(b[:, :-1], b[:, 1:])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        dist.barrier()
+        elapsed = time.perf_counter() - t0
+        gc.enable()
+        return (steps - warmup) * d.batch_size * d.seq_len * world / elapsed, peak
+    finally:
+        dist.destroy_process_group()
+
+
+def worker(a) -> int:
+    import torch
+
+    from apps.main.train import load_train_config
+    from apps.main.train import main as train_main
+    from apps.main.transformer import flops_per_token, num_params
+    from lingua.tokenizer import build_tokenizer
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rdzv = common.Rendezvous()
+    base = [f"config={a.config}", f"steps={a.steps}"]
+    targs = load_train_config(base)
+    if targs.model.vocab_size < 0:
+        targs.model.vocab_size = build_tokenizer(targs.data.tokenizer).n_words
+    with torch.device("meta"):
+        from apps.main.transformer import LMTransformer
+
+        n_params = num_params(LMTransformer(targs.model))
+    tokens_per_step = targs.data.batch_size * targs.data.seq_len * targs.grad_acc_steps
+    if a.warmup % targs.logging.freq or a.steps % targs.logging.freq:
+        raise SystemExit("--warmup and --steps must be multiples of logging.freq")
+    result = {"world_size": world, "threads": torch.get_num_threads(), "steps": a.steps, "warmup": a.warmup,
+              "tokens_per_step": tokens_per_step, "n_params": n_params,
+              "flops_per_token": flops_per_token(targs.model, n_params, targs.data.seq_len),
+              "trainer_tps": [], "reference_tps": [], "peak_flops": None, "peak_flops_runs": []}
+    for r in range(a.repeats):
+        order = ["trainer", "reference"] if r % 2 == 0 else ["reference", "trainer"]
+        if a.mode != "both":
+            order = [a.mode]
+        for kind in order:
+            if kind == "trainer":
+                dump = os.path.join(a.work, f"trainer_{r}")
+                rdzv.next()
+                rc = train_main(base + [f"dump_dir={dump}"])
+                if rc != 0:
+                    raise SystemExit(f"trainer exited with {rc}")
+                if rank == 0:
+                    result["trainer_tps"].append(
+                        _trainer_tps(os.path.join(dump, "metrics.jsonl"), a.warmup, a.steps, tokens_per_step, world))
+            else:
+                # The matmul peak is timed in every reference phase; the best is the machine's peak.
+                tps, peak = _reference_tps(targs, a.steps, a.warmup, a.mm, rdzv)
+                result["reference_tps"].append(tps)
+                result["peak_flops_runs"].append(peak)
+                result["peak_flops"] = max(result["peak_flops_runs"])
+    if result["peak_flops"] is None:  # trainer-only mode: measure the peak on its own
+        import torch.distributed as dist
+
+        rdzv.next()
+        dist.init_process_group("gloo")
+        dist.barrier()
+        t = torch.tensor([common.matmul_peak_flops(a.mm)], dtype=torch.float64)
+        dist.all_reduce(t)
+        result["peak_flops"] = t.item()
+        dist.destroy_process_group()
+    if rank == 0:
+        common.write_json(a.out, result)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worker", action="store_true", help="(internal) run as a torchrun worker")
+    p.add_argument("--config")
+    p.add_argument("--work")
+    p.add_argument("--out")
+    p.add_argument("--mode", default="both", choices=["both", "trainer", "reference"])
+    p.add_argument("--steps", type=int, default=70)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--mm", type=int, default=2048)
+    a = p.parse_args(argv)
+    if a.worker:
+        return worker(a)
+    from apps.bench.run import main as run_main
+
+    return run_main(["--only", "train"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

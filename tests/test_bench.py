@@ -1,0 +1,104 @@
+"""Smoke test of the benchmarks: every part runs end to end on tiny sizes and writes well-formed JSON.
+
+No timing is asserted (the figures come from `python -m apps.bench.run`, see docs/benchmarks.md); these only
+check that the measurements run, produce finite numbers where numbers are expected, and a table.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from apps.bench import common
+
+REPO = common.REPO_ROOT
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def bench_report(tmp_path_factory):
+    """One quick run of every part (a few torchrun launches on a tiny model; about a minute on 2 cores)."""
+    work = tmp_path_factory.mktemp("bench")
+    out = work / "bench.json"
+    md = work / "table.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "apps.bench.run", "--quick", "--out", str(out), "--markdown", str(md),
+         "--work-dir", str(work / "scratch")],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert out.exists(), f"no JSON written\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    with open(out) as f:
+        report = json.load(f)
+    report["_proc"] = proc
+    report["_md"] = md.read_text() if md.exists() else ""
+    return report
+
+
+def test_every_part_ran(bench_report):
+    proc = bench_report["_proc"]
+    assert bench_report["errors"] == {}, f"{bench_report['errors']}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0
+    assert set(bench_report["parts"]) == {"train", "scaling", "ckpt", "resume", "data"}
+    for key in ("cpu", "cores", "torch"):
+        assert bench_report["machine"][key]
+
+
+def test_train_part(bench_report):
+    t = bench_report["parts"]["train"]
+    assert t["nproc"] == 2
+    for key in ("trainer_tokens_per_s", "reference_tokens_per_s", "ratio", "matmul_peak_flops", "mfu",
+                "flops_per_token"):
+        assert _finite(t[key]), (key, t[key])
+    assert len(t["trainer_tokens_per_s_runs"]) == len(t["reference_tokens_per_s_runs"]) >= 1
+
+
+def test_scaling_part(bench_report):
+    s = bench_report["parts"]["scaling"]
+    assert s["counts"][:2] == [1, 2]
+    assert s["runs"]["2"]["reused_from"] == "train"  # not measured twice
+    for n in s["counts"]:
+        assert _finite(s["runs"][str(n)]["trainer_tokens_per_s"])
+    assert _finite(s["runs"]["2"]["efficiency"])
+
+
+def test_ckpt_part(bench_report):
+    c = bench_report["parts"]["ckpt"]
+    for key in ("bytes", "raw_write_s", "sync_save_s", "async_blocking_s", "async_background_s",
+                "sync_vs_raw_bandwidth", "async_blocking_vs_sync"):
+        assert _finite(c[key]), (key, c[key])
+
+
+def test_resume_part(bench_report):
+    r = bench_report["parts"]["resume"]
+    for key in ("fresh_start_to_first_step_s", "resume_start_to_first_step_s", "resume_vs_fresh", "load_s",
+                "raw_read_s", "load_vs_raw_read", "ckpt_bytes"):
+        assert _finite(r[key]), (key, r[key])
+
+
+def test_data_part(bench_report):
+    d = bench_report["parts"]["data"]
+    assert _finite(d["bytes"]["async"]["tokens_per_s"])
+    assert _finite(d["vs_trainer"]["headroom"])
+
+
+def test_table(bench_report):
+    rows = bench_report["rows"]
+    assert {r["part"] for r in rows} == {"train", "scaling", "ckpt", "resume", "data"}
+    for r in rows:
+        assert set(r) >= {"part", "metric", "value", "unit", "baseline", "ratio", "target", "ok"}
+    assert bench_report["table"].startswith("| part")
+    assert "torch" in bench_report["_md"] and "| part" in bench_report["_md"]
+    json.dumps(bench_report["parts"])  # plain JSON all the way down
+
+
+def test_unknown_part_is_an_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "apps.bench.run", "--only", "trian", "--out",
+                           str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "trian" in proc.stderr
+    assert not os.path.exists(tmp_path / "x.json")
