@@ -321,8 +321,10 @@ def _init_adam_state(optimizer) -> None:
     """Create the zero moments of a fresh Adam/AdamW, exactly as its first step would, for a checkpoint to be loaded
     into. Otherwise get_state_dict creates them by running a whole optimizer step on zero gradients (most of the
     load time on CPU). Other optimizers, or one that has state already, are left to torch."""
-    from torch.optim.optimizer import _get_scalar_dtype
-
+    try:
+        from torch.optim.optimizer import _get_scalar_dtype  # private: absent in some torch versions
+    except ImportError:
+        return
     if optimizer.state or type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam):
         return
     for group in optimizer.param_groups:
