@@ -158,7 +158,7 @@ def _train_step(model, optimizer, tokens, ckpt=None) -> tuple:
     waited = 0.0
     if ckpt is not None:
         t = time.perf_counter()
-        ckpt.wait_staged()
+        getattr(ckpt, "wait_staged", lambda: None)()  # (absent in older trees: A/B runs)
         waited = time.perf_counter() - t
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,8 @@ Start-up, `repeats` times (the checkpoint-sized model of ckpt_bench, N processes
             page cache (a restart rarely finds them cached): launch to the record of step 2, which includes
             resolve (validation on every rank) and the DCP load of model + optimizer.
 Load, in one torchrun launch on the last checkpoint, alternating, both from a cold page cache:
-  - load: lingua.checkpoint.load_model_optim (what the trainer's restore does) into a fresh model + optimizer;
+  - load: lingua.checkpoint.load_model_optim (what the trainer's restore does) into a new model + optimizer
+          (built untimed before each load, as a resuming trainer has them);
   - raw:  every rank reads its own files of that checkpoint with plain reads (the same bytes in total).
 
     python -m apps.bench.run --only resume
@@ -148,8 +149,14 @@ def worker(a) -> int:
     args = load_train_config([f"config={a.config}", f"dump_dir={os.path.dirname(a.out)}"])
     dist_state = setup_torch_distributed(args.distributed)
     args.model.vocab_size = build_tokenizer(args.data.tokenizer).n_words
-    model = build_model(args, dist_state)
-    optimizer, _ = build_optimizer(model, args.optim, args.steps)
+
+    def fresh():
+        """A new model + optimizer, as a resuming trainer has them (the first load is what a resume pays)."""
+        try:
+            model = build_model(args, dist_state, init=False)
+        except TypeError:  # an older tree (A/B runs): no init option
+            model = build_model(args, dist_state)
+        return model, build_optimizer(model, args.optim, args.steps)[0]
     rank, group = dist_state.env.rank, dist_state.cpu_group
     files = _ckpt_files(a.ckpt)
     mine = [p for p in files if os.path.basename(p).startswith(f"__{rank}_")]
@@ -170,7 +177,9 @@ def worker(a) -> int:
         order = ["load", "raw"] if r % 2 == 0 else ["raw", "load"]
         for kind in order:
             if kind == "load":
+                model, optimizer = fresh()
                 res["load_s"].append(timed(lambda: load_model_optim(a.ckpt, model, optimizer)))
+                del model, optimizer
             else:
                 res["raw_s"].append(timed(lambda: _raw_read(mine)))
     if rank == 0:
