@@ -132,6 +132,15 @@ class _NoRecordCrc32:
         set_crc32_options(self.before)
 
 
+def _save_planner():
+    """DCP's default planner, with plan caching: from the second save of the same state layout on, ranks skip
+    gathering their plans on the coordinator (torch compares each plan with the cached one and recomputes it when
+    the layout changed). About 0.1 s of every save of the 57M-parameter benchmark model on CPU."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    return DefaultSavePlanner(enable_plan_caching=True)
+
+
 def describe_files(folder: str, names: list, checksums: bool) -> dict:
     """{name: {size, crc32?}} for files this rank wrote (fsynced first: the record must not lie)."""
     out = {}
@@ -537,7 +546,7 @@ class CheckpointManager:
             return self._start_async(step, staging, state, own_files, kinds, t0)
         try:
             with _NoRecordCrc32():
-                dcp.save(state, checkpoint_id=staging, process_group=self.group)
+                dcp.save(state, checkpoint_id=staging, process_group=self.group, planner=_save_planner())
             fault_point("after_shards", step)
             files = describe_files(staging, own_files + self._dcp_files(staging), self.args.checksums)
             error = None
@@ -568,7 +577,7 @@ class CheckpointManager:
         no_crc = _NoRecordCrc32().__enter__()  # until the background write is done (in finish)
         try:
             fut = dcp.async_save(state, checkpoint_id=staging, process_group=self.async_group,
-                                 async_stager=self._stager)
+                                 async_stager=self._stager, planner=_save_planner())
         except BaseException:
             no_crc.__exit__(None, None, None)
             raise
