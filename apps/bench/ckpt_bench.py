@@ -51,7 +51,7 @@ def run(ctx: common.BenchContext) -> dict:
     common.clean_dir(work)
     os.makedirs(work)
     out = os.path.join(work, "result.json")
-    ctx.say(f"ckpt: torchrun x{ctx.nproc}, {repeats} x (raw, sync, async)")
+    ctx.say(f"ckpt: torchrun x{ctx.nproc}, {repeats} x (raw, sync, async, sync without checksums)")
     common.run_logged(
         common.torchrun_cmd(ctx.nproc, "apps.bench.ckpt_bench",
                             ["--worker", "--config", config, "--work", work, "--out", out, "--repeats", str(repeats)]),
