@@ -1,5 +1,6 @@
 """Shared test helpers: a small real corpus, tiny configs, and real torchrun launches."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -10,6 +11,14 @@ import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
+
+
+def load_script(name: str):
+    """setup/<name>.py as a module (`import setup` would find setup.py)."""
+    spec = importlib.util.spec_from_file_location(f"_lingua_setup_{name}", os.path.join(REPO, "setup", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def make_corpus(root: str, sources=("shk",), files_per_source: int = 2, max_docs: int = 2000) -> str:

@@ -4,7 +4,6 @@ import collections
 import glob
 import gzip
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,16 +15,7 @@ import pytest
 from lingua.data import DataArgs, build_dataloader, check_data_args, find_validation_files, init_dataloader_state
 from lingua.tokenizer import TokenizerArgs, build_tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
-
-
-def load_script(name):
-    """setup/<name>.py as a module (`import setup` would find setup.py)."""
-    spec = importlib.util.spec_from_file_location(f"_lingua_setup_{name}", os.path.join(REPO, "setup", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.helpers import REPO, SHAKESPEARE, load_script  # noqa: F401
 
 
 prepare_data = load_script("prepare_data")

@@ -1,7 +1,6 @@
 """Tokenizers: bytes, sentencepiece (trained here), tiktoken (a rank file made here); their errors."""
 
 import base64
-import importlib.util
 import os
 
 import numpy as np
@@ -12,15 +11,7 @@ from hypothesis import strategies as st
 from lingua.args import ConfigError
 from lingua.tokenizer import BytesTokenizer, TokenizerArgs, build_tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"_lingua_setup_{name}", os.path.join(REPO, "setup", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.helpers import REPO, SHAKESPEARE, load_script  # noqa: F401
 
 
 def training_texts():
