@@ -1,7 +1,6 @@
 """The data pipeline: exact resume through every stage and the whole chain (sync and async), rank
 disjointness, mixture frequencies, packing, tokenizers end to end, the loader process, bad input."""
 
-import importlib.util
 import json
 import os
 import random
@@ -31,17 +30,9 @@ from lingua.data import (
 )
 from lingua.tokenizer import TokenizerArgs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO, load_script  # noqa: F401
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 WORDS = ["the", "data", "stream", "résumé", "naïve", "😀", "exact", "x", "", "lorem", "ipsum", "\n", "tab\t"]
-
-
-def load_script(name):
-    """setup/<name>.py as a module (`import setup` would find setup.py)."""
-    spec = importlib.util.spec_from_file_location(f"_lingua_setup_{name}", os.path.join(REPO, "setup", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def write_source(root, name, files, field="text"):
