@@ -10,7 +10,7 @@ import sys
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
+SHAKESPEARE = os.path.join(REPO, "tests", "assets", "tinyshakespeare.txt")  # shipped: nothing outside the repo
 
 
 def load_script(name: str):

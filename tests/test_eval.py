@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = REPO / "tests" / "assets" / "tinyshakespeare.txt"
 STEPS, EVERY = 8, 4
 MODEL = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "max_seqlen": 64}
 VAL = {"max_steps": 2, "batch_size": 2, "seq_len": 32}
@@ -46,15 +46,7 @@ def run(module: str, nproc: int, *args, env=None, timeout=240) -> subprocess.Com
 
 
 def _texts():
-    if SHAKESPEARE.exists():
-        paras = [p.strip() for p in SHAKESPEARE.read_text().split("\n\n") if p.strip()]
-    else:  # a synthetic fallback
-        import random
-
-        rng = random.Random(0)
-        words = "to be or not that is the question whether tis nobler in mind suffer".split()
-        paras = [" ".join(rng.choice(words) for _ in range(rng.randint(10, 60))) for _ in range(1200)]
-    return paras
+    return [p.strip() for p in SHAKESPEARE.read_text().split("\n\n") if p.strip()]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from lingua.data import DataArgs, build_dataloader, check_data_args, find_validation_files, init_dataloader_state
 from lingua.tokenizer import TokenizerArgs, build_tokenizer
 
-from tests.helpers import REPO, SHAKESPEARE, load_script  # noqa: F401
+from tests.helpers import REPO, SHAKESPEARE, load_script
 
 
 prepare_data = load_script("prepare_data")
@@ -151,7 +151,6 @@ def test_text_units_and_bad_input(tmp_path):
     assert r.returncode == 1 and f"{bad}:2: malformed JSON" in r.stderr
 
 
-@pytest.mark.skipif(not os.path.isfile(SHAKESPEARE), reason="needs ../shared/data/tinyshakespeare.txt")
 def test_real_text_and_sentencepiece_tokenizer(tmp_path):
     out = str(tmp_path / "data")
     r = subprocess.run([sys.executable, os.path.join(REPO, "setup", "prepare_data.py"), SHAKESPEARE, "--out", out,

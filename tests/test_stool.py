@@ -2,6 +2,7 @@
 node-list parsing. Jobs that must really run use launcher=bash (the generated script runs locally)."""
 
 import os
+import site
 import subprocess
 import sys
 import textwrap
@@ -287,7 +288,9 @@ def test_python_env_activation_venv(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
     code = "from lingua.stool import python_env_activation as a; print(a())"
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX")}
-    env["PYTHONPATH"] = str(REPO)
+    # The nested venv sees the base interpreter's site-packages, not those of the environment running the tests
+    # (a venv or conda env): hand it ours so that lingua's dependencies import the same in every setup.
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *site.getsitepackages()])
     out = subprocess.run([str(venv / "bin" / "python"), "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == f"source {venv}/bin/activate"

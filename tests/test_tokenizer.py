@@ -11,21 +11,12 @@ from hypothesis import strategies as st
 from lingua.args import ConfigError
 from lingua.tokenizer import BytesTokenizer, TokenizerArgs, build_tokenizer
 
-from tests.helpers import REPO, SHAKESPEARE, load_script  # noqa: F401
+from tests.helpers import REPO, SHAKESPEARE, load_script
 
 
 def training_texts():
-    """Real text when the shared corpus is there, this repository's own source otherwise."""
-    if os.path.isfile(SHAKESPEARE):
-        with open(SHAKESPEARE, encoding="utf-8") as f:
-            return f.read()[:200_000].split("\n\n")
-    texts = []
-    for folder in ("lingua", "setup"):
-        for name in sorted(os.listdir(os.path.join(REPO, folder))):
-            if name.endswith(".py"):
-                with open(os.path.join(REPO, folder, name), encoding="utf-8") as f:
-                    texts.append(f.read())
-    return texts
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        return f.read()[:200_000].split("\n\n")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import yaml
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEBUG_CONFIG = os.path.join(REPO_ROOT, "configs", "debug.yaml")
-SHAKESPEARE = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "tinyshakespeare.txt")
+SHAKESPEARE = os.path.join(REPO_ROOT, "tests", "assets", "tinyshakespeare.txt")
 
 
 @dataclass
@@ -127,7 +127,7 @@ def _write_text_corpus(text_path: str, root: str, source: str) -> None:
 
 def ensure_corpus(work_dir: str) -> tuple:
     """(root_dir, sources) of a training corpus: the default corpus (data/default) when it was built, else one
-    made in the work dir from ../shared/data/tinyshakespeare.txt, else the default corpus built into the work dir
+    made in the work dir from tests/assets/tinyshakespeare.txt, else the default corpus built into the work dir
     (setup/build_default_corpus.py). Throughput does not depend on the text, only on the shapes."""
     with open(DEBUG_CONFIG) as f:
         debug = yaml.safe_load(f)
