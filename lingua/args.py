@@ -7,22 +7,34 @@ here, so a bad config stops a run before any process group exists.
 
 import dataclasses
 import difflib
+import enum
 import os
 import sys
 import typing
 from typing import Any, Optional, Sequence, Type, TypeVar
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 T = TypeVar("T")
 
-__all__ = ["MISSING", "ConfigError", "parse_args", "load_config", "config_to_yaml", "dump_config"]
+__all__ = ["MISSING", "ConfigError", "Choice", "parse_args", "load_config", "config_to_yaml", "dump_config"]
 
 
 class ConfigError(ValueError):
     """A config the run cannot start with. The message names the key."""
+
+
+class Choice(str, enum.Enum):
+    """Base of a config field with a fixed set of values: OmegaConf rejects any other value (naming the key and
+    the allowed values), and the field compares and prints as its plain string."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec) -> str:
+        return format(str(self.value), spec)
 
 
 def _is_dataclass_type(tp) -> bool:
@@ -147,23 +159,11 @@ def config_to_yaml(obj) -> str:
 
 
 def config_to_dict(obj) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(obj))
+    return OmegaConf.to_container(OmegaConf.structured(obj), enum_to_str=True)
 
 
 def dump_config(obj, path: str) -> None:
-    """Write the resolved config atomically (write to a temp file, fsync, rename)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(config_to_yaml(obj))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write the resolved config atomically."""
+    from lingua.files import atomic_write
 
-
-def main_with_config_errors(fn):
-    """Run `fn()`, turning ConfigError into a one-line message and exit code 2."""
-    try:
-        return fn()
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    atomic_write(path, config_to_yaml(obj))

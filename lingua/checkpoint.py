@@ -1,33 +1,40 @@
-"""Checkpoints: save (sync or async), atomic commit, consistent resolve, load, retention, and a CLI.
+"""Checkpoints: save (sync or async), atomic commit, consistent resolve, verified load, retention, and a CLI.
+This module alone knows the checkpoint format (folder and file names, the commit record, the train state files).
 
 Layout under `checkpoint.path` (default <dump_dir>/checkpoints):
-    0000001000/              a committed checkpoint: DCP shards + .metadata, params.json,
-                             train_state_<dp_rank>.json, COMMIT.json (written last)
+    0000001000/              a committed checkpoint: DCP shards (__<rank>_0.distcp) + .metadata, params.json (the
+                             run's config), train_state_<dp_rank>.json, COMMIT.json (written last)
     0000002000.tmp/          a save in progress (staging); removed at the next start if the run died
     0000000500.deleting/     retention in progress; removed at the next start
 
-Protocol. All ranks agree to save at a step. Every rank writes its DCP shards and its train state into
-the staging folder and records the size (and crc32) of the files it wrote. The records are gathered;
-rank 0 writes COMMIT.json last, fsyncs, renames the folder to its final name and fsyncs the parent.
-A reader only ever considers folders with a final name and a valid COMMIT.json whose files are all present
-with their recorded sizes, so a crash at any instant of a save leaves the previous checkpoint in charge.
+Save. All ranks agree to save at a step. Every rank writes its DCP shards and its train state into the staging
+folder, fsyncs them and records their sizes (and crc32). The records are gathered; rank 0 writes COMMIT.json last,
+fsyncs the staging folder, renames it to its final name and fsyncs the parent. A reader only ever considers
+folders with a final name and a valid COMMIT.json whose files are all present with their recorded sizes, so a
+crash at any instant of a save leaves the previous checkpoint in charge.
 
-Resolve. Rank 0 lists candidates newest first; each is proposed to every rank, each rank validates it
-(its own view of the filesystem), and an all-reduce decides: all ranks load the same step, or all fall back
-to the next older one together.
+Resolve and load. Rank 0 lists candidates newest first; every rank validates each one (sizes, and that the
+commit record, params.json, its train state and the DCP metadata parse); an all-gather decides: all ranks use
+the same step, or all fall back to the next older one together. The crc32 of every file is then checked (split
+over the ranks) in a background thread while the model is built; a mismatch anywhere falls back the same way.
 
-CLI: python -m lingua.checkpoint {list,verify,consolidate} PATH
+Trust. A checkpoint is user data: nothing in it can run code. DCP's .metadata (a pickle) is read by an unpickler
+that only builds DCP's metadata classes; the non-tensor values of a shard are read with torch.load(weights_only=
+True); the train state is JSON, RNG states included.
+
+CLI: python -m lingua.checkpoint {list,verify,consolidate,export-hf} PATH
 """
 
 import base64
+import io
 import json
 import logging
 import os
 import pickle
+import queue
 import random
 import re
 import shutil
-import signal
 import threading
 import time
 import zlib
@@ -40,14 +47,28 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
+from lingua import faults
 from lingua.args import ConfigError
+from lingua.distributed import all_agree, broadcast_object, gather_objects
+from lingua.files import dir_size, fsync_dir, fsync_file, write_json
 
 logger = logging.getLogger(__name__)
 
+# The format: these names are known here and nowhere else.
 COMMIT_FILE = "COMMIT.json"
 PARAMS_FILE = "params.json"
+METADATA_FILE = ".metadata"
+LOAD_STEP_FILE = "load_step_used.json"  # in the checkpoint folder: the checkpoint.load_step a start resumed from
 STEP_RE = re.compile(r"^\d{10}$")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: RNG states as plain JSON (1: a base64 pickle, never loaded)
+
+
+def step_dir_name(step: int) -> str:
+    return f"{step:010d}"
+
+
+def train_state_file(dp_rank: int) -> str:
+    return f"train_state_{dp_rank:05d}.json"
 
 
 @dataclass
@@ -62,12 +83,12 @@ class CheckpointArgs:
     dump: SaveEvery = field(default_factory=SaveEvery)  # periodic checkpoints to resume from
     eval: SaveEvery = field(default_factory=lambda: SaveEvery(every=-1))  # checkpoints to evaluate
     async_save: bool = False  # write in the background while training continues (one save in flight)
-    checksums: bool = True  # record a crc32 of every file at save time (read back by the writing rank)
-    verify: bool = False  # on resume, check the recorded checksums too (sizes are always checked)
-    load_step: int = -1  # resume from exactly this step (fails loudly if missing or invalid); -1 = latest
+    checksums: bool = True  # record a crc32 of every file at save time
+    verify: bool = True  # on resume, check every file's crc32 (split over ranks, while the model is built)
+    load_step: int = -1  # resume once from exactly this step (newer ones are moved aside); -1 = the newest valid one
     init_ckpt_path: Optional[str] = None  # when there is nothing to resume: load model weights from here
     start_over: bool = False  # if checkpoints exist but none is valid, start from scratch instead of stopping
-    reset_data_state: bool = False  # resume model/optimizer but restart the data stream (layout changed)
+    reset_data_state: bool = False  # resume model/optimizer but restart the data stream from its beginning
     space_margin: float = 1.1  # a save needs free space >= this x the expected checkpoint size
 
     def validate(self):
@@ -79,28 +100,126 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message says which and why."""
 
 
-# ----------------------------------------------------------------------------------------------- files
+# ------------------------------------------------------------------------------------------- reading
 
 
-def step_dir_name(step: int) -> str:
-    return f"{step:010d}"
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint._extension": {"ExtensionRegistry"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size", "device", "memory_format", "layout"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice", "complex"},
+}
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only DCP's metadata classes (and torch dtypes / sizes / layouts): a crafted .metadata cannot call
+    anything else."""
+
+    def find_class(self, module, name):
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not part of DCP checkpoint metadata)")
+
+
+def read_metadata(ckpt_dir: str):
+    """The DCP metadata of a checkpoint, through the restricted unpickler; CheckpointError if unreadable."""
+    path = os.path.join(ckpt_dir, METADATA_FILE)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with open(path, "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_dir}: no DCP metadata ({METADATA_FILE})") from None
+    except Exception as e:  # noqa: BLE001 (garbled bytes raise anything from UnpicklingError to MemoryError)
+        raise CheckpointError(f"{ckpt_dir}: DCP metadata {METADATA_FILE} is unreadable ({type(e).__name__}: {e})") from None
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.part"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class _TrustedReader(dcp.FileSystemReader):
+    """DCP's file reader with the restricted metadata unpickler."""
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        md = read_metadata(str(self.path))
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+def _load_planner():
+    """DCP's load planner, but the non-tensor values (e.g. the optimizer's hyperparameters) are read with
+    torch.load(weights_only=True) instead of an unrestricted unpickle."""
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafeLoadPlanner()
+
+
+def dcp_load(state: dict, ckpt_dir: str, no_dist: bool = False) -> None:
+    """Fill `state` (resharding as needed) from a checkpoint, reading nothing that can run code."""
+    dcp.load(state, storage_reader=_TrustedReader(ckpt_dir), planner=_load_planner(), no_dist=no_dist)
+
+
+def _read_json(ckpt_dir: str, name: str, what: str) -> dict:
+    path = os.path.join(ckpt_dir, name)
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_dir}: {what} {name} is missing") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt_dir}: {what} {name} is unreadable ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{ckpt_dir}: {what} {name} is not a JSON object")
+    return obj
+
+
+def read_commit(ckpt_dir: str) -> dict:
+    if not os.path.exists(os.path.join(ckpt_dir, COMMIT_FILE)):
+        raise CheckpointError(f"{ckpt_dir}: no commit record ({COMMIT_FILE}); the save did not finish")
+    record = _read_json(ckpt_dir, COMMIT_FILE, "commit record")
+    try:
+        int(record["step"]), int(record["dp_world_size"])
+        if not all(isinstance(v, dict) and isinstance(v["size"], int) for v in record["files"].values()):
+            raise TypeError("bad file entry")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{ckpt_dir}: commit record {COMMIT_FILE} is malformed ({e})") from None
+    if record.get("format_version", 1) > FORMAT_VERSION:
+        raise CheckpointError(f"{ckpt_dir}: format version {record['format_version']} is newer than this code's "
+                              f"({FORMAT_VERSION}); update lingua to read it")
+    return record
+
+
+def read_params(ckpt_dir: str) -> dict:
+    """The config the checkpoint's run had (params.json), with a 'model' section; CheckpointError otherwise."""
+    params = _read_json(ckpt_dir, PARAMS_FILE, "config")
+    if not isinstance(params.get("model"), dict):
+        raise CheckpointError(f"{ckpt_dir}: {PARAMS_FILE} has no 'model' section")
+    return params
+
+
+def read_train_state(ckpt_dir: str, dp_rank: int) -> dict:
+    sd = _read_json(ckpt_dir, train_state_file(dp_rank), "train state")
+    if not isinstance(sd.get("step"), int) or not isinstance(sd.get("scheduler"), dict):
+        raise CheckpointError(f"{ckpt_dir}: train state {train_state_file(dp_rank)} lacks its step or scheduler")
+    return sd
 
 
 def file_crc32(path: str, chunk: int = 8 << 20) -> int:
@@ -111,6 +230,74 @@ def file_crc32(path: str, chunk: int = 8 << 20) -> int:
             if not buf:
                 return crc
             crc = zlib.crc32(buf, crc)
+
+
+def check_files(ckpt_dir: str, record: dict, checksums: bool = False, share=(0, 1)) -> None:
+    """Every recorded file is present with its size; with `checksums`, the crc32 of the files of this share
+    (every share[1]-th file from the share[0]-th) too. CheckpointError naming the file otherwise."""
+    for i, name in enumerate(sorted(record["files"])):
+        info = record["files"][name]
+        path = os.path.join(ckpt_dir, name)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            raise CheckpointError(f"{ckpt_dir}: missing file {name}") from None
+        if size != info["size"]:
+            raise CheckpointError(f"{ckpt_dir}: file {name} has {size} bytes, {info['size']} recorded (truncated?)")
+        if checksums and i % share[1] == share[0] and "crc32" in info and file_crc32(path) != info["crc32"]:
+            raise CheckpointError(f"{ckpt_dir}: file {name} fails its checksum (corrupt)")
+
+
+def validate_checkpoint(ckpt_dir: str, checksums: bool = False, share=(0, 1), dp_rank: Optional[int] = 0) -> dict:
+    """The commit record of `ckpt_dir` if it is usable: every recorded file present with its size (and crc32 of
+    this share), and the commit record, params.json, the train state of `dp_rank` and the DCP metadata parse.
+    CheckpointError naming the problem otherwise."""
+    record = read_commit(ckpt_dir)
+    if step_dir_name(int(record["step"])) != os.path.basename(os.path.normpath(ckpt_dir)):
+        raise CheckpointError(f"{ckpt_dir}: commit record is for step {record['step']}")
+    check_files(ckpt_dir, record, checksums, share)
+    read_params(ckpt_dir)
+    if dp_rank is not None:
+        read_train_state(ckpt_dir, dp_rank if dp_rank < int(record["dp_world_size"]) else 0)
+    read_metadata(ckpt_dir)
+    return record
+
+
+def list_checkpoints(root: str) -> list:
+    """Final-named step folders under root, newest first: [(step, path)]."""
+    if not os.path.isdir(root):
+        return []
+    steps = [int(n) for n in os.listdir(root) if STEP_RE.match(n) and os.path.isdir(os.path.join(root, n))]
+    return [(s, os.path.join(root, step_dir_name(s))) for s in sorted(steps, reverse=True)]
+
+
+def step_of(path: str) -> Optional[int]:
+    """The step of a checkpoint folder (or a file or folder inside one), from its name; None if not one."""
+    path = os.path.abspath(path)
+    for name in (os.path.basename(path), os.path.basename(os.path.dirname(path))):
+        if STEP_RE.match(name):
+            return int(name)
+    return None
+
+
+def run_dir_of(path: str) -> Optional[str]:
+    """The dump dir of the run a checkpoint belongs to: <run>/checkpoints/<step>[/...] -> <run>, else None."""
+    path = os.path.abspath(path)
+    for _ in range(3):
+        parent = os.path.dirname(path)
+        if os.path.basename(parent) == "checkpoints" and STEP_RE.match(os.path.basename(path)):
+            return os.path.dirname(parent)
+        path = parent
+    return None
+
+
+def is_checkpoint(path: str) -> bool:
+    """Whether `path` looks like a checkpoint folder of this format (committed or not)."""
+    return os.path.isdir(path) and (os.path.exists(os.path.join(path, COMMIT_FILE))
+                                   or os.path.exists(os.path.join(path, METADATA_FILE)))
+
+
+# ------------------------------------------------------------------------------------------- writing
 
 
 class _NoRecordCrc32:
@@ -146,76 +333,12 @@ def describe_files(folder: str, names: list, checksums: bool) -> dict:
     out = {}
     for name in names:
         path = os.path.join(folder, name)
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(path)
         entry = {"size": os.path.getsize(path)}
         if checksums:
             entry["crc32"] = file_crc32(path)
         out[name] = entry
     return out
-
-
-def fault_point(name: str, step: Optional[int] = None) -> None:
-    """Test-only fault injection: LINGUA_FAULT=<point>[@<step>][:<rank>] kills this process (SIGKILL) when it
-    reaches that point (of the save of that step) on that rank."""
-    spec = os.environ.get("LINGUA_FAULT")
-    if not spec:
-        return
-    where, _, rank = spec.partition(":")
-    point, _, at_step = where.partition("@")
-    if point != name or (at_step and step is not None and int(at_step) != step):
-        return
-    if rank and int(rank) != int(os.environ.get("RANK", "0")):
-        return
-    logger.error(f"LINGUA_FAULT: killing rank {os.environ.get('RANK', '0')} at '{name}'")
-    logging.shutdown()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def read_commit(ckpt_dir: str) -> dict:
-    path = os.path.join(ckpt_dir, COMMIT_FILE)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{ckpt_dir}: no commit record ({COMMIT_FILE}); the save did not finish")
-    try:
-        with open(path) as f:
-            record = json.load(f)
-        record["step"], record["files"]  # noqa: B018 (must be present)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{ckpt_dir}: commit record {COMMIT_FILE} is unreadable ({e})") from None
-    return record
-
-
-def validate_checkpoint(ckpt_dir: str, verify_checksums: bool = False, shard=(0, 1)) -> dict:
-    """The commit record of `ckpt_dir` if every recorded file is present with its size (and checksum);
-    otherwise CheckpointError naming the file. `shard=(i, n)`: checksum only every n-th file from the i-th."""
-    hidden = os.environ.get("LINGUA_TEST_HIDE_CKPT")  # test-only: "<rank>:<step>" hides a step from a rank
-    if hidden:
-        rank, _, step = hidden.partition(":")
-        if int(rank) == int(os.environ.get("RANK", "0")) and os.path.basename(ckpt_dir) == step_dir_name(int(step)):
-            raise CheckpointError(f"{ckpt_dir}: not visible to this rank (LINGUA_TEST_HIDE_CKPT)")
-    record = read_commit(ckpt_dir)
-    if step_dir_name(int(record["step"])) != os.path.basename(os.path.normpath(ckpt_dir)):
-        raise CheckpointError(f"{ckpt_dir}: commit record is for step {record['step']}")
-    names = sorted(record["files"])
-    for i, name in enumerate(names):
-        info = record["files"][name]
-        path = os.path.join(ckpt_dir, name)
-        if not os.path.exists(path):
-            raise CheckpointError(f"{ckpt_dir}: missing file {name}")
-        size = os.path.getsize(path)
-        if size != info["size"]:
-            raise CheckpointError(f"{ckpt_dir}: file {name} has {size} bytes, {info['size']} recorded (truncated?)")
-        if verify_checksums and i % shard[1] == shard[0] and "crc32" in info and file_crc32(path) != info["crc32"]:
-            raise CheckpointError(f"{ckpt_dir}: file {name} fails its checksum (corrupt)")
-    return record
-
-
-def list_checkpoints(root: str) -> list:
-    """Final-named step folders under root, newest first: [(step, path)]."""
-    if not os.path.isdir(root):
-        return []
-    steps = [int(n) for n in os.listdir(root) if STEP_RE.match(n) and os.path.isdir(os.path.join(root, n))]
-    return [(s, os.path.join(root, step_dir_name(s))) for s in sorted(steps, reverse=True)]
 
 
 def clean_stale(root: str) -> None:
@@ -228,40 +351,15 @@ def clean_stale(root: str) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def delete_checkpoint(path: str) -> None:
-    """Rename first (atomic: the step disappears for readers at once), then remove."""
+def _doom(path: str) -> str:
+    """Rename a checkpoint out of sight (atomic: the step disappears for readers at once); returns the new path."""
     doomed = path.rstrip("/") + ".deleting"
     os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    return doomed
 
 
-def dir_size(path: str) -> int:
-    total = 0
-    for dirpath, _, names in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(dirpath, n)) for n in names)
-    return total
-
-
-# ----------------------------------------------------------------------------------------- train state
-
-
-def get_rng_state() -> str:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    return base64.b64encode(pickle.dumps(state)).decode()
-
-
-def set_rng_state(encoded: str) -> None:
-    state = pickle.loads(base64.b64decode(encoded))
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def delete_checkpoint(path: str) -> None:
+    shutil.rmtree(_doom(path), ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------- pinning
@@ -285,45 +383,123 @@ def is_pinned(ckpt_dir: str) -> bool:
     return os.path.isdir(pins) and bool(os.listdir(pins))
 
 
+def config_diff(saved: dict, current: dict) -> dict:
+    """{dotted key: (saved value, current value)} for every config value that differs (a key missing on one side
+    counts, with None)."""
+    flat_saved, flat_now = dict(_flatten(saved, "")), dict(_flatten(current, ""))
+    return {k: (flat_saved.get(k), flat_now.get(k)) for k in sorted(set(flat_saved) | set(flat_now))
+            if flat_saved.get(k) != flat_now.get(k)}
+
+
+# ----------------------------------------------------------------------------------------- train state
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _from_b64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state() -> dict:
+    """Every RNG's state as plain JSON data."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_from_b64(state["torch"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_from_b64(s) for s in state["cuda"]])
+
+
+class TrainState:
+    """What the trainer needs beyond model and optimizer to continue exactly: the step, the LR scheduler, the data
+    stream's position and the RNG states. A torch `Stateful`; saved per data-parallel rank as JSON."""
+
+    def __init__(self, scheduler, data: Optional[dict] = None):
+        self.step = 0  # optimizer steps taken
+        self.scheduler = scheduler
+        self.data = data  # data-loader state after the last consumed batch (lingua.data)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "data": self.data, "rng": rng_state()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step = int(sd["step"])
+        self.scheduler.load_state_dict(sd["scheduler"])
+        self.data = sd.get("data")
+        rng = sd.get("rng")
+        if isinstance(rng, dict):
+            set_rng_state(rng)
+        elif rng is not None:  # format 1: a pickle, which is never loaded
+            logger.warning("the checkpoint's RNG states are an old pickled record: not restored (not trusted)")
+
+    @staticmethod
+    def reshard(states: list, dp_rank: int, dp_world_size: int, reset_data: bool) -> dict:
+        """This rank's state from the states of every data-parallel rank of another layout."""
+        from lingua.data import reshard_data_state
+
+        sd = dict(states[0])
+        sd["rng"] = None  # per-rank RNG streams do not map onto another layout; nothing in training draws from them
+        sd["data"] = None if reset_data else reshard_data_state([s.get("data") for s in states], dp_rank, dp_world_size)
+        return sd
+
+
 # ------------------------------------------------------------------------------------ state dict / load
 
 
-def model_optim_state(model, optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+def model_optim_state(model, optimizer=None) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return {"model": model_sd, "optim": optim_sd}
-
-
-def check_shapes(ckpt_dir: str, state: dict) -> None:
-    """Fail with the name of the first tensor whose shape differs from the checkpoint's (or is missing)."""
-    metadata = dcp.FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata
-    for prefix in state:
-        for key, value in _flatten(state[prefix], prefix):
-            if not isinstance(value, torch.Tensor):
-                continue
-            if key not in metadata:
-                raise CheckpointError(
-                    f"{ckpt_dir} has no entry '{key}': it was saved by a different model or optimizer "
-                    f"(compare the model options with {os.path.join(ckpt_dir, PARAMS_FILE)})"
-                )
-            saved = list(getattr(metadata[key], "size", []))
-            if saved and saved != list(value.shape):
-                raise CheckpointError(
-                    f"{ckpt_dir}: '{key}' has shape {saved} in the checkpoint but {list(value.shape)} in this model "
-                    f"(compare the model options with {os.path.join(ckpt_dir, PARAMS_FILE)})"
-                )
 
 
 def _flatten(obj, prefix: str):
     if isinstance(obj, dict):
         for k, v in obj.items():
-            yield from _flatten(v, f"{prefix}.{k}")
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from _flatten(v, f"{prefix}.{i}")
     else:
         yield prefix, obj
+
+
+def check_shapes(ckpt_dir: str, state: dict) -> None:
+    """Strict both ways: every tensor of `state` is in the checkpoint with the same shape, and the checkpoint has
+    no tensor of these sections that `state` lacks. CheckpointError naming the first difference."""
+    metadata = read_metadata(ckpt_dir).state_dict_metadata
+    hint = f"(compare the model options with {os.path.join(ckpt_dir, PARAMS_FILE)})"
+    wanted = {key: value for key, value in _flatten(state, "") if isinstance(value, torch.Tensor)}
+    for key, value in wanted.items():
+        if key not in metadata:
+            raise CheckpointError(f"{ckpt_dir} has no entry '{key}': it was saved by a different model or optimizer {hint}")
+        saved = list(getattr(metadata[key], "size", []))
+        if saved and saved != list(value.shape):
+            raise CheckpointError(
+                f"{ckpt_dir}: '{key}' has shape {saved} in the checkpoint but {list(value.shape)} in this model {hint}"
+            )
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    extra = sorted(k for k, md in metadata.items() if isinstance(md, TensorStorageMetadata)
+                   and k.split(".", 1)[0] in state and k not in wanted)
+    if extra:
+        raise CheckpointError(f"{ckpt_dir} has '{extra[0]}' ({len(extra)} entries in all) that this model lacks {hint}")
 
 
 def _init_adam_state(optimizer) -> None:
@@ -352,21 +528,33 @@ def _init_adam_state(optimizer) -> None:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def load_model_optim(ckpt_dir: str, model, optimizer=None) -> None:
+def load_model_optim(ckpt_dir: str, model, optimizer=None, no_dist: bool = False) -> None:
     """Load (and reshard, whatever the world size was) model and optionally optimizer state."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     if optimizer is not None:
         _init_adam_state(optimizer)
-        state = model_optim_state(model, optimizer)
-    else:
-        state = {"model": get_model_state_dict(model)}
+    state = model_optim_state(model, optimizer)
     check_shapes(ckpt_dir, state)
-    dcp.load(state, checkpoint_id=ckpt_dir)
+    dcp_load(state, ckpt_dir, no_dist=no_dist)
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         set_model_state_dict(model, state["model"])
+
+
+def full_model_state(ckpt_dir: str) -> dict:
+    """The model's full (unsharded) tensors of a checkpoint, without a process group: {name: tensor}."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = read_metadata(ckpt_dir).state_dict_metadata
+    model_sd = {
+        key[len("model."):]: torch.empty(md.size, dtype=md.properties.dtype)
+        for key, md in metadata.items()
+        if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
+    }
+    dcp_load({"model": model_sd}, ckpt_dir, no_dist=True)
+    return model_sd
 
 
 # ------------------------------------------------------------------------------------------ manager
@@ -377,10 +565,39 @@ class _InFlight:
     step: int
     staging: str
     kinds: list
-    thread: threading.Thread
+    thread: Optional[threading.Thread]
     started: float
     blocked_s: float
     result: dict = field(default_factory=dict)  # filled by the thread: {"files": ...} or {"error": ...}
+
+
+class _Deleter:
+    """Removes doomed checkpoint folders in a background thread: on a network filesystem deleting a large
+    checkpoint takes long, and training should not wait for it. The folder was renamed to *.deleting first, so
+    a crash half-way leaves nothing that looks like a checkpoint (and the next start removes the rest)."""
+
+    def __init__(self):
+        self.queue: "queue.Queue" = queue.Queue()
+        self.thread: Optional[threading.Thread] = None
+
+    def delete(self, path: str) -> None:
+        self.queue.put(_doom(path))
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="ckpt-retention", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            doomed = self.queue.get()
+            if doomed is None:
+                return
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
 
 
 class CheckpointManager:
@@ -399,28 +616,14 @@ class CheckpointManager:
         self.config_dict = config_dict
         self.in_flight: Optional[_InFlight] = None
         self.last_saved_step = -1
+        self.resumed_from: Optional[int] = None
         self._stager = None  # async saves: the DCP stager, kept so that its copy buffers are reused
         self._staging = None  # async saves: completes when the in-flight save has its copy of the state
-
-    # ------------------------------------------------------------------ collectives (CPU / gloo)
-
-    def _all_ok(self, ok: bool) -> bool:
-        t = torch.tensor([1 if ok else 0], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(t.item())
-
-    def _gather(self, obj) -> list:
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def _broadcast(self, obj):
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
-    def barrier(self):
-        dist.barrier(group=self.group)
+        self._deleter = _Deleter()
+        self._candidates: list = []  # resolve: candidates not yet tried, newest first
+        self._chosen: Optional[str] = None  # resolve: the candidate every rank validated
+        self._verify: Optional[threading.Thread] = None  # resolve: this rank's checksum pass over the chosen one
+        self._verify_error: Optional[str] = None
 
     # ------------------------------------------------------------------ start-up
 
@@ -428,53 +631,162 @@ class CheckpointManager:
         """Check the folder is writable and remove stale staging folders (before the first resolve)."""
         error = None
         if self.rank == 0:
+            probe = os.path.join(self.root, f".write_probe.{os.getpid()}")
             try:
                 os.makedirs(self.root, exist_ok=True)
-                probe = os.path.join(self.root, f".write_probe.{os.getpid()}")
                 with open(probe, "w") as f:
                     f.write("ok")
-                os.remove(probe)
                 clean_stale(self.root)
             except OSError as e:
                 error = f"checkpoint folder {self.root} is not writable: {e.strerror or e}"
-        error = self._broadcast(error)
+            finally:
+                if os.path.exists(probe):
+                    os.remove(probe)
+        error = broadcast_object(error, self.group)
         if error:
             raise CheckpointError(error)
 
     def resolve(self) -> Optional[str]:
-        """The checkpoint folder every rank agrees to resume from, or None for a fresh start."""
-        candidates = self._broadcast(list_checkpoints(self.root) if self.rank == 0 else None)
-        if self.args.load_step >= 0:
-            wanted = [c for c in candidates if c[0] == self.args.load_step]
+        """The checkpoint folder every rank agrees to resume from, or None for a fresh start: the newest valid one,
+        or exactly checkpoint.load_step (CheckpointError if it is missing or invalid) unless an earlier start of
+        this run already resumed from that step. With checkpoint.verify the checksums of the chosen one are then
+        checked in the background; `verified()` and `load()` wait for them."""
+        self._candidates = broadcast_object(list_checkpoints(self.root) if self.rank == 0 else None, self.group)
+        load_step = self.args.load_step if self.args.load_step >= 0 else None
+        if load_step is not None and self._load_step_used() == load_step:
+            logger.info(f"checkpoint.load_step={load_step} was used by an earlier start of this run: resuming from "
+                        "the newest checkpoint instead")
+            load_step = None
+        self._load_step = load_step
+        if load_step is not None:
+            wanted = [c for c in self._candidates if c[0] == load_step]
             if not wanted:
-                have = ", ".join(str(s) for s, _ in candidates) or "none"
-                raise CheckpointError(f"checkpoint.load_step={self.args.load_step}: no such checkpoint in {self.root} (have: {have})")
-            candidates = wanted
-        rejected = []
-        for step, path in candidates:
+                have = ", ".join(str(s) for s, _ in self._candidates) or "none"
+                raise CheckpointError(f"checkpoint.load_step={load_step}: no such checkpoint in {self.root} (have: {have})")
+            self._candidates = wanted
+        self._rejected = []
+        return self._next_candidate(background_checksums=True)
+
+    def _next_candidate(self, background_checksums: bool) -> Optional[str]:
+        while self._candidates:
+            step, path = self._candidates.pop(0)
             reason = None
-            try:  # every rank checks sizes; checksums are split over ranks
-                validate_checkpoint(path, self.args.verify, (self.rank, self.world_size))
+            try:  # every rank checks sizes and that what it will read parses
+                if faults.point("resolve.candidate", step):
+                    raise CheckpointError(f"{path}: not visible to this rank (fault injected)")
+                validate_checkpoint(path, checksums=self.args.verify and not background_checksums,
+                                    share=(self.rank, self.world_size), dp_rank=self.dist.dp_rank)
             except CheckpointError as e:
                 reason = str(e)
-            reasons = self._gather(reason)
-            if all(r is None for r in reasons):
+            if self._agreed(reason, step):
                 logger.info(f"resuming from {path} (step {step}, checked by all {self.world_size} ranks)")
+                self._chosen = path
+                if self.args.verify and background_checksums:
+                    self._start_checksums(path)
                 return path
-            why = "; ".join(f"rank {i}: {r}" for i, r in enumerate(reasons) if r)
-            logger.warning(f"skipping checkpoint step {step}: {why}")
-            rejected.append(f"step {step}: {why}")
-        if self.args.load_step >= 0:
-            raise CheckpointError(f"checkpoint.load_step={self.args.load_step} is not usable: {rejected[0]}")
-        if rejected:
+        self._chosen = None
+        if self._load_step is not None:
+            raise CheckpointError(f"checkpoint.load_step={self._load_step} is not usable: {self._rejected[0]}")
+        if self._rejected:
             if self.args.start_over:
                 logger.warning("no valid checkpoint; starting over because checkpoint.start_over=true")
                 return None
             raise CheckpointError(
-                f"checkpoints exist in {self.root} but none is valid: " + " | ".join(rejected)
+                f"checkpoints exist in {self.root} but none is valid: " + " | ".join(self._rejected)
                 + " (set checkpoint.start_over=true to start from scratch, or repair/remove them)"
             )
         return None
+
+    def _agreed(self, reason: Optional[str], step: int) -> bool:
+        """Gather every rank's verdict on a candidate; True if all accept it, else log and record why not."""
+        reasons = gather_objects(reason, self.group)
+        if all(r is None for r in reasons):
+            return True
+        why = "; ".join(f"rank {i}: {r}" for i, r in enumerate(reasons) if r)
+        logger.warning(f"skipping checkpoint step {step}: {why}")
+        self._rejected.append(f"step {step}: {why}")
+        return False
+
+    def _start_checksums(self, path: str) -> None:
+        record = read_commit(path)
+
+        def run():
+            try:
+                check_files(path, record, checksums=True, share=(self.rank, self.world_size))
+            except CheckpointError as e:
+                self._verify_error = str(e)
+
+        self._verify_error = None
+        self._verify = threading.Thread(target=run, name="ckpt-verify", daemon=True)
+        self._verify.start()
+
+    def _load_step_used(self) -> Optional[int]:
+        used = None
+        if self.rank == 0:
+            try:
+                with open(os.path.join(self.root, LOAD_STEP_FILE)) as f:
+                    used = json.load(f).get("load_step")
+            except (OSError, ValueError, AttributeError):
+                pass
+        return broadcast_object(used, self.group)
+
+    def _branch_from(self, step: int) -> None:
+        """Rank 0, after resuming from checkpoint.load_step: the newer checkpoints belong to the abandoned branch of
+        the run. They are moved aside (kept for the user, out of resolve's and retention's sight) and the load
+        step is recorded as used, so that a rerun or a requeue continues the new branch."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for newer, path in list_checkpoints(self.root):
+            if newer > step:
+                os.replace(path, f"{path}.abandoned-{stamp}")
+                logger.warning(f"checkpoint.load_step={step}: moved the newer checkpoint {newer} aside to "
+                               f"{path}.abandoned-{stamp} (delete it when you no longer need it)")
+        write_json(os.path.join(self.root, LOAD_STEP_FILE), {"load_step": step, "used_at": time.time()})
+
+    def verified(self) -> Optional[str]:
+        """The resolved checkpoint once its checksums passed on every rank (falling back to older ones, checked in
+        the foreground, when they did not), or None: what `load` will load."""
+        path = self._chosen
+        while path is not None and self._verify is not None:
+            t = time.time()
+            self._verify.join()
+            self._verify = None
+            if self._agreed(self._verify_error, step_of(path)):
+                logger.info(f"checksums of {path} verified in {time.time() - t:.2f}s after the model was built")
+                return path
+            path = self._next_candidate(background_checksums=False)
+        return path
+
+    def load(self, model, optimizer, train_state: TrainState) -> Optional[str]:
+        """Load the resolved checkpoint into model, optimizer and train state (resharding model and optimizer to
+        this world size, and the train state to this data-parallel layout). Returns its path, or None when there
+        is nothing to resume (the caller initialises the weights)."""
+        path = self.verified()
+        if path is None:
+            return None
+        load_model_optim(path, model, optimizer)
+        saved_dp = int(read_commit(path)["dp_world_size"])
+        if saved_dp == self.dist.dp_world_size:
+            sd = read_train_state(path, self.dist.dp_rank)
+            if self.args.reset_data_state:
+                sd["data"] = None
+        else:
+            sd = TrainState.reshard([read_train_state(path, r) for r in range(saved_dp)], self.dist.dp_rank,
+                                    self.dist.dp_world_size, self.args.reset_data_state)
+        train_state.load_state_dict(sd)
+        if self.args.reset_data_state:
+            logger.warning("checkpoint.reset_data_state=true: the data stream restarts from the beginning")
+        self.resumed_from = train_state.step
+        self.last_saved_step = train_state.step
+        if self._load_step is not None and self.rank == 0:
+            self._branch_from(self._load_step)
+        dist.barrier(group=self.group)
+        logger.info(f"resumed from {path} at step {train_state.step}")
+        return path
+
+    def committed(self, step: int) -> Optional[str]:
+        """The folder of `step`'s checkpoint once it is committed (waits for an in-flight save), else None."""
+        self.wait()
+        return os.path.join(self.root, step_dir_name(step)) if self.last_saved_step == step else None
 
     # ------------------------------------------------------------------ saving
 
@@ -495,11 +807,11 @@ class CheckpointManager:
         return int(t.item())
 
     def _make_room(self, needed: int, kinds: list) -> bool:
-        """Rank 0: is there room for `needed` bytes? Deletes early what retention would delete anyway."""
+        """Rank 0: is there room for `needed` bytes? Deletes early (now) what retention would delete anyway."""
         free = shutil.disk_usage(self.root).free
-        if free >= needed or os.environ.get("LINGUA_TEST_SKIP_SPACE_CHECK"):  # test-only: force a real ENOSPC
+        if free >= needed or faults.point("save.space_check"):
             return True
-        self.apply_retention(upcoming_kinds=kinds)
+        self.apply_retention(upcoming_kinds=kinds, now=True)
         free = shutil.disk_usage(self.root).free
         if free >= needed:
             return True
@@ -509,11 +821,9 @@ class CheckpointManager:
         )
         return False
 
-    def save(self, step: int, model, optimizer, train_states: dict, kinds: list) -> bool:
-        """Save `step` (sync, or start an async save). Returns False if the save was skipped or failed.
-
-        train_states: this rank's train state (written as train_state_<dp_rank>.json; in a data-parallel
-        group with several ranks per dp rank only the first writes it)."""
+    def save(self, model, optimizer, train_state: TrainState, kinds: list) -> bool:
+        """Save the state at train_state.step (sync, or start an async save). False if skipped or failed."""
+        step = train_state.step
         self.wait()  # at most one save in flight
         if self.last_saved_step == step:
             return True
@@ -521,33 +831,34 @@ class CheckpointManager:
         state = model_optim_state(model, optimizer)
         needed = int(self.expected_bytes(state) * self.args.space_margin)
         fits = self._make_room(needed, kinds) if self.rank == 0 else True
-        if not self._broadcast(fits):
+        if not broadcast_object(fits, self.group):
             return False
         staging = os.path.join(self.root, step_dir_name(step) + ".tmp")
         if self.rank == 0 and os.path.exists(staging):
             shutil.rmtree(staging)
-        self.barrier()
-        os.makedirs(staging, exist_ok=True)
+        dist.barrier(group=self.group)
         own_files = []
         try:
-            name = f"train_state_{self.dist.dp_rank:05d}.json"
-            write_json_atomic(os.path.join(staging, name), train_states)
-            own_files.append(name)
-            fault_point("after_train_state", step)
+            os.makedirs(staging, exist_ok=True)
+            if self.dist.tp_rank == 0:  # one writer per data-parallel rank
+                name = train_state_file(self.dist.dp_rank)
+                write_json(os.path.join(staging, name), train_state.state_dict())
+                own_files.append(name)
+            faults.point("save.after_train_state", step)
             if self.rank == 0:
-                write_json_atomic(os.path.join(staging, PARAMS_FILE), self.config_dict)
+                write_json(os.path.join(staging, PARAMS_FILE), self.config_dict)
                 own_files.append(PARAMS_FILE)
             error = None
         except OSError as e:
             error = f"rank {self.rank}: {e}"
-        if not self._all_ok(error is None):
+        if not all_agree(error is None, self.group):
             return self._abandon(staging, error or "another rank failed to write its train state")
         if self.args.async_save:
             return self._start_async(step, staging, state, own_files, kinds, t0)
         try:
             with _NoRecordCrc32():
                 dcp.save(state, checkpoint_id=staging, process_group=self.group, planner=_save_planner())
-            fault_point("after_shards", step)
+            faults.point("save.after_shards", step)
             files = describe_files(staging, own_files + self._dcp_files(staging), self.args.checksums)
             error = None
         except (Exception, CheckpointException) as e:  # ENOSPC, I/O errors, a peer's failure
@@ -561,7 +872,7 @@ class CheckpointManager:
         """The DCP files this rank wrote: its own shard files, plus .metadata on the coordinator."""
         names = [n for n in os.listdir(staging) if n.startswith(f"__{self.rank}_") and n.endswith(".distcp")]
         if self.rank == 0:
-            names.append(".metadata")
+            names.append(METADATA_FILE)
         return names
 
     def _start_async(self, step, staging, state, own_files, kinds, t0) -> bool:
@@ -588,11 +899,9 @@ class CheckpointManager:
 
         def finish():
             try:
-                delay_step, _, delay = os.environ.get("LINGUA_TEST_ASYNC_DELAY", "").partition(":")
-                if delay_step and int(delay_step) == step:  # test-only: hold this step's commit back
-                    time.sleep(float(delay))
+                faults.point("save.async_write", step)
                 fut.result()
-                fault_point("after_shards", step)
+                faults.point("save.after_shards", step)
                 flight.result["files"] = describe_files(
                     staging, own_files + self._dcp_files(staging), self.args.checksums
                 )
@@ -623,7 +932,7 @@ class CheckpointManager:
 
     def poll(self) -> None:
         """Commit the async save if every rank has finished writing (a collective: call on all ranks)."""
-        if self.in_flight is not None and self._all_ok(not self.in_flight.thread.is_alive()):
+        if self.in_flight is not None and all_agree(not self.in_flight.thread.is_alive(), self.group):
             self._finish_async()
 
     def wait(self) -> bool:
@@ -633,8 +942,14 @@ class CheckpointManager:
         if self.in_flight is None:
             return True
         self.in_flight.thread.join()
-        self._all_ok(True)
+        all_agree(True, self.group)
         return self._finish_async()
+
+    def close(self) -> bool:
+        """End of the run: wait for the in-flight save and for background deletions. False if a save failed."""
+        ok = self.wait()
+        self._deleter.close()
+        return ok
 
     def _finish_async(self) -> bool:
         flight, self.in_flight = self.in_flight, None
@@ -649,11 +964,11 @@ class CheckpointManager:
 
     def _commit(self, step, staging, files, error, kinds) -> bool:
         """Gather every rank's file records; rank 0 writes COMMIT.json last and publishes the folder."""
-        records = self._gather({"files": files, "error": error})
+        records = gather_objects({"files": files, "error": error}, self.group)
         errors = [r["error"] for r in records if r["error"]]
         if errors:
             return self._abandon(staging, "; ".join(errors))
-        fault_point("before_commit", step)
+        faults.point("save.before_commit", step)
         result = None
         if self.rank == 0:
             try:
@@ -670,17 +985,18 @@ class CheckpointManager:
                     "torch_version": torch.__version__,
                     "files": all_files,
                 }
-                write_json_atomic(os.path.join(staging, COMMIT_FILE), commit)
+                write_json(os.path.join(staging, COMMIT_FILE), commit)
+                fsync_dir(staging)  # every entry of the folder is durable before it gets its final name
                 final = os.path.join(self.root, step_dir_name(step))
                 if os.path.exists(final):  # an older save of this step (e.g. one that was found invalid)
                     delete_checkpoint(final)
                 os.replace(staging, final)
-                _fsync_dir(self.root)
-                fault_point("after_commit", step)
+                fsync_dir(self.root)
+                faults.point("save.after_commit", step)
                 self.apply_retention()
             except OSError as e:
                 result = f"commit failed: {e}"
-        result = self._broadcast(result)
+        result = broadcast_object(result, self.group)
         if result:
             return self._abandon(staging, result)
         self.last_saved_step = step
@@ -688,37 +1004,45 @@ class CheckpointManager:
 
     def _abandon(self, staging: str, why: str) -> bool:
         logger.error(f"checkpoint save FAILED, nothing was committed ({why}); the previous checkpoint stays")
-        self.barrier()
+        dist.barrier(group=self.group)
         if self.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        self.barrier()
+        dist.barrier(group=self.group)
         return False
 
     # ------------------------------------------------------------------ retention
 
-    def apply_retention(self, upcoming_kinds: Optional[list] = None) -> None:
-        """Rank 0: delete checkpoints no `keep` rule retains; never the newest committed one, never a pinned one.
-        `upcoming_kinds` counts a save about to happen (to free space before it)."""
-        committed = []
+    def apply_retention(self, upcoming_kinds: Optional[list] = None, now: bool = False) -> None:
+        """Rank 0: delete checkpoints no `keep` rule retains. Only checkpoints that validate are counted and kept
+        by the rules (an invalid one is neither counted nor deleted: resolve reports it); the newest valid one and
+        pinned ones always stay. `upcoming_kinds` counts a save about to happen (to free space before it); `now`
+        deletes in the foreground (the space is needed at once), else in the background."""
+        valid = []
         for step, path in list_checkpoints(self.root):
             try:
-                committed.append((step, path, read_commit(path).get("kinds", ["dump"])))
+                record = read_commit(path)
+                check_files(path, record)
             except CheckpointError:
-                continue  # not ours to judge here; resolve reports it
-        if not committed:
+                continue
+            valid.append((step, path, record.get("kinds", ["dump"])))
+        if not valid:
             return
-        keep_paths = {committed[0][1]}  # the newest committed checkpoint always stays
+        keep_paths = {valid[0][1]}  # the newest valid checkpoint always stays
         for kind, rule in (("dump", self.args.dump), ("eval", self.args.eval)):
-            of_kind = [c for c in committed if kind in c[2]]
+            of_kind = [c for c in valid if kind in c[2]]
             if rule.keep <= 0:
                 keep_paths.update(c[1] for c in of_kind)
                 continue
             slots = rule.keep - (1 if upcoming_kinds and kind in upcoming_kinds else 0)
             keep_paths.update(c[1] for c in of_kind[: max(slots, 0)])
-        for step, path, _ in committed:
-            if path not in keep_paths and not is_pinned(path):
-                logger.info(f"retention: deleting checkpoint step {step}")
+        for step, path, _ in valid:
+            if path in keep_paths or is_pinned(path):
+                continue
+            logger.info(f"retention: deleting checkpoint step {step}")
+            if now:
                 delete_checkpoint(path)
+            else:
+                self._deleter.delete(path)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -751,14 +1075,10 @@ def _cmd_list(path: str) -> None:
 
 def _cmd_verify(path: str) -> int:
     try:
-        rec = validate_checkpoint(path, verify_checksums=True)
-        md = dcp.FileSystemReader(path).read_metadata()
-        n = len(md.state_dict_metadata)
+        rec = validate_checkpoint(path, checksums=True)
+        n = len(read_metadata(path).state_dict_metadata)
     except CheckpointError as e:
         print(f"INVALID: {e}")
-        return 1
-    except Exception as e:  # noqa: BLE001 (DCP metadata unreadable)
-        print(f"INVALID: {path}: DCP metadata unreadable: {e}")
         return 1
     with_crc = sum("crc32" in f for f in rec["files"].values())
     print(f"OK: step {rec['step']}, {len(rec['files'])} files (sizes checked, {with_crc} checksums checked), "
@@ -768,26 +1088,19 @@ def _cmd_verify(path: str) -> int:
 
 def consolidate(ckpt_dir: str, out_dir: Optional[str] = None, dtype: Optional[str] = None) -> str:
     """One torch.load-able file with the full model state dict (+ params.json), without a process group."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from lingua.files import atomic_write
 
     validate_checkpoint(ckpt_dir)
     out_dir = out_dir or os.path.join(ckpt_dir, "consolidated")
     os.makedirs(out_dir, exist_ok=True)
-    # Allocate every model tensor at its full shape (from the DCP metadata), then let DCP fill them.
-    metadata = dcp.FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata
-    model_sd = {
-        key[len("model."):]: torch.empty(md.size, dtype=md.properties.dtype)
-        for key, md in metadata.items()
-        if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
-    }
-    dcp.load({"model": model_sd}, storage_reader=dcp.FileSystemReader(ckpt_dir), no_dist=True)
+    model_sd = full_model_state(ckpt_dir)
     if dtype:
         target = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         model_sd = {k: v.to(target) if v.is_floating_point() else v for k, v in model_sd.items()}
-    tmp = os.path.join(out_dir, "consolidated.pth.part")
-    torch.save(model_sd, tmp)
-    os.replace(tmp, os.path.join(out_dir, "consolidated.pth"))
-    shutil.copy(os.path.join(ckpt_dir, PARAMS_FILE), os.path.join(out_dir, PARAMS_FILE))
+    buf = io.BytesIO()
+    torch.save(model_sd, buf)
+    atomic_write(os.path.join(out_dir, "consolidated.pth"), buf.getvalue())
+    write_json(os.path.join(out_dir, PARAMS_FILE), read_params(ckpt_dir))
     return os.path.join(out_dir, "consolidated.pth")
 
 

@@ -16,37 +16,49 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from lingua.args import ConfigError
+from lingua.args import Choice, ConfigError
+
+
+class Backend(Choice):
+    auto = "auto"
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class Device(Choice):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class FsdpType(Choice):
+    full_shard = "full_shard"
+    no_shard = "no_shard"
+
+
+class Dtype(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class DistributedArgs:
-    backend: str = "auto"  # auto | nccl | gloo  (auto: nccl when CUDA is available, else gloo)
-    device: str = "auto"  # auto | cuda | cpu  (auto: cuda when available)
+    backend: Backend = Backend.auto  # auto | nccl | gloo  (auto: nccl when CUDA is available, else gloo)
+    device: Device = Device.auto  # auto | cuda | cpu  (auto: cuda when available)
     dp_shard: int = -1  # FSDP shard group size; -1 = world_size / (dp_replicate * tp_size)
     dp_replicate: int = 1  # number of replicas (HSDP when both dp_shard and dp_replicate > 1)
     tp_size: int = 1  # tensor-parallel size; the mesh has a dimension for it, only 1 is supported today
-    fsdp_type: str = "full_shard"  # full_shard (params sharded) | no_shard (pure data parallel replication)
-    model_dtype: str = "fp32"  # fp32 | bf16: parameter dtype for compute (mixed precision; master weights fp32)
-    reduce_dtype: str = "fp32"  # dtype of gradient reductions
+    fsdp_type: FsdpType = FsdpType.full_shard  # full_shard (params sharded) | no_shard (pure data parallel replication)
+    model_dtype: Dtype = Dtype.fp32  # fp32 | bf16: parameter dtype for compute (mixed precision; master weights fp32)
+    reduce_dtype: Dtype = Dtype.fp32  # dtype of gradient reductions
     activation_checkpointing: bool = False  # recompute each block's activations in backward to save memory
     compile: bool = False  # torch.compile each transformer block (slow to start on CPU)
     timeout_s: int = 300  # process-group timeout: a dead rank makes the others fail after this many seconds
     matmul_allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
 
     def validate(self):
-        if self.backend not in ("auto", "nccl", "gloo"):
-            raise ConfigError(f"distributed.backend must be auto, nccl or gloo, got '{self.backend}'")
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ConfigError(f"distributed.device must be auto, cuda or cpu, got '{self.device}'")
-        if self.fsdp_type not in ("full_shard", "no_shard"):
-            raise ConfigError(f"distributed.fsdp_type must be full_shard or no_shard, got '{self.fsdp_type}'")
-        if self.model_dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"distributed.model_dtype must be fp32 or bf16, got '{self.model_dtype}'")
-        if self.reduce_dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"distributed.reduce_dtype must be fp32 or bf16, got '{self.reduce_dtype}'")
         if self.tp_size != 1:
             raise ConfigError("distributed.tp_size > 1 is not supported yet (the mesh has room for it)")
         if self.dp_replicate < 1 or (self.dp_shard < 1 and self.dp_shard != -1):
@@ -97,6 +109,14 @@ def get_launch_env() -> LaunchEnv:
     return LaunchEnv(0, 0, 1, "127.0.0.1", _free_port(), "single")
 
 
+def describe_launch(env: LaunchEnv) -> str:
+    """One line for the log of a start: world size, launcher, host, pid, and the SLURM job and restart if any."""
+    job = os.environ.get("SLURM_JOB_ID")
+    slurm = f", SLURM job {job} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else ""
+    return (f"{env.world_size} processes ({env.launcher}), rank 0 on host {socket.gethostname()} "
+            f"pid {os.getpid()}{slurm}")
+
+
 def check_mesh_shape(args: DistributedArgs, world_size: int) -> tuple:
     """(dp_replicate, dp_shard, tp) for this world size, or a ConfigError naming the options."""
     replicate, shard, tp = args.dp_replicate, args.dp_shard, args.tp_size
@@ -129,6 +149,7 @@ class DistState:
     dp_rank: int
     dp_world_size: int
     cpu_group: Optional[object] = None  # a gloo group for CPU-side collectives (agreement, async save)
+    tp_rank: int = 0  # position in the tensor-parallel group (ranks with the same dp_rank share their data)
 
     @property
     def is_master(self) -> bool:
@@ -168,30 +189,27 @@ def setup_torch_distributed(args: DistributedArgs) -> DistState:
         f"rank {env.rank}/{env.world_size} (local {env.local_rank}, launcher {env.launcher}) on {device}, "
         f"backend {backend}, mesh dp_replicate x dp_shard x tp = {mesh_shape}"
     )
-    return DistState(env, device, mesh, dp_rank, mesh_shape[0] * mesh_shape[1], cpu_group)
+    return DistState(env, device, mesh, dp_rank, mesh_shape[0] * mesh_shape[1], cpu_group, mesh.get_local_rank("tp"))
 
 
-def all_reduce_max(value: float, group=None) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.item()
-
-
-def all_reduce_min(value: float, group=None) -> float:
-    return -all_reduce_max(-value, group)
+def _reduce_flag(flag: bool, op, group) -> bool:
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=op, group=group)
+    return bool(t.item())
 
 
 def all_agree(flag: bool, group=None) -> bool:
-    """True only if `flag` is True on every rank (a CPU collective)."""
-    return all_reduce_min(1.0 if flag else 0.0, group) == 1.0
+    """True only if `flag` is True on every rank (a CPU collective: use a gloo group)."""
+    return _reduce_flag(flag, dist.ReduceOp.MIN, group)
 
 
 def any_rank(flag: bool, group=None) -> bool:
     """True if `flag` is True on at least one rank."""
-    return all_reduce_max(1.0 if flag else 0.0, group) == 1.0
+    return _reduce_flag(flag, dist.ReduceOp.MAX, group)
 
 
 def broadcast_object(obj, group=None, src: int = 0):
+    """Rank `src`'s `obj` on every rank (a picklable object of our own making, never user data)."""
     if not dist.is_initialized():
         return obj
     box = [obj]
@@ -199,10 +217,13 @@ def broadcast_object(obj, group=None, src: int = 0):
     return box[0]
 
 
-def dist_mean(value: float, device: torch.device) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / dist.get_world_size()
+def gather_objects(obj, group=None) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def parallelize_model(model: torch.nn.Module, mesh: DeviceMesh, args: DistributedArgs) -> torch.nn.Module:
@@ -237,15 +258,24 @@ def destroy():
         dist.destroy_process_group()
 
 
-def run_then_destroy(body, user_errors: tuple) -> int:
-    """Run an entry point's body. A problem with the user's input (bad config, unusable checkpoint, bad data)
-    ends it with one line on stderr and exit code 1 instead of a traceback; the process group is always
+def run_main(parse, body, user_errors: tuple = ()) -> int:
+    """The shape of every entry point: `parse()` the config (a ConfigError is one line on stderr, exit 2, before any
+    process group exists), then `body(args)`. A problem with the user's input (an unusable checkpoint, bad data:
+    `user_errors`) ends it with one line on stderr and exit 1 instead of a traceback; the process group is always
     destroyed."""
     try:
-        return body()
-    except user_errors as e:
+        args = parse()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return body(args)
+    except (ConfigError, *user_errors) as e:
         logger.error(f"{type(e).__name__}: {e}")
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception:
+        logger.exception("crashed")  # the traceback in the run's log too, where `lingua.status` finds it
+        raise
     finally:
         destroy()

@@ -2,7 +2,7 @@
 batched generation, and log-likelihoods of token sequences.
 
 The model is any module called as `model(tokens [B, S]) -> logits [B, S, V]` that also accepts
-`model(tokens, caches=[one cache per layer], start=<position of tokens[:, 0]>)` (apps.main.transformer's
+`model(tokens, caches=[one cache per layer], start=<position of tokens[:, 0]>)` (lingua.transformer's
 LMTransformer does). It may be an FSDP model: then every rank of its mesh must make the same calls in the
 same order. Everything here is deterministic given the inputs, so ranks that are handed the same prompts
 make the same calls (sampling uses a private torch.Generator seeded from `GenerationArgs.seed`, never the

@@ -34,7 +34,27 @@ def init_logger(rank: int = 0, log_file: str = None, level: str = None) -> None:
     console.setLevel(level if rank == 0 else "WARNING")
     console.setFormatter(fmt)
     root.addHandler(console)
-    if log_file and rank == 0:
-        file_handler = logging.FileHandler(log_file, mode="a")
-        file_handler.setFormatter(fmt)
-        root.addHandler(file_handler)
+    _STATE["rank"], _STATE["formatter"] = rank, fmt
+    if log_file:
+        add_log_file(log_file)
+
+
+_STATE: dict = {"rank": 0, "formatter": None}
+
+
+class _FileHandler(logging.FileHandler):
+    """A log file that never disturbs the run: when a write fails (a full disk), one line says so on stderr and
+    the file is dropped, instead of logging's '--- Logging error ---' traceback for every record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        logging.getLogger().removeHandler(self)
+        sys.stderr.write(f"log file {self.baseFilename} is not writable any more (disk full?); logging to the console only\n")
+
+
+def add_log_file(path: str) -> None:
+    """Rank 0 also logs to `path` (appended across restarts)."""
+    if _STATE["rank"] != 0:
+        return
+    handler = _FileHandler(path, mode="a")
+    handler.setFormatter(_STATE["formatter"] or _Formatter(0))
+    logging.getLogger().addHandler(handler)

@@ -5,19 +5,28 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
+from lingua.args import Choice
+from lingua.files import atomic_write, read_jsonl, write_jsonl
+
 logger = logging.getLogger(__name__)
+
+
+class WandbMode(Choice):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
 
 
 @dataclass
 class WandbArgs:
     project: str = "lingua"  # wandb project
     entity: Optional[str] = None  # wandb team / user
-    mode: str = "offline"  # online | offline | disabled (offline needs no network; `wandb sync` uploads later)
+    mode: WandbMode = WandbMode.offline  # online | offline | disabled (offline needs no network; `wandb sync` uploads later)
     tags: list = field(default_factory=list)  # run tags
     group: Optional[str] = None  # run group
     dir: Optional[str] = None  # where wandb writes its files; default <dump_dir>
@@ -27,20 +36,6 @@ class WandbArgs:
 class LoggingArgs:
     freq: int = 10  # log every this many steps
     wandb: Optional[WandbArgs] = None  # set (e.g. logging.wandb.mode=offline) to log to Weights & Biases
-
-
-def read_jsonl_steps(path: str) -> list:
-    """Records of a metrics file, skipping a torn last line (the writer was killed mid-line)."""
-    records = []
-    if not os.path.exists(path):
-        return records
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return records
 
 
 class MetricLogger:
@@ -57,16 +52,8 @@ class MetricLogger:
             self.wandb = init_wandb(wandb_args, run_config, run_name, dump_dir)
 
     def _rewrite_up_to(self, step: int) -> None:
-        if not os.path.exists(self.path):
-            return
-        kept = [r for r in read_jsonl_steps(self.path) if r.get("global_step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            for r in kept:
-                f.write(json.dumps(r) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        if os.path.exists(self.path):
+            write_jsonl(self.path, [r for r in read_jsonl(self.path) if r.get("global_step", 0) <= step])
 
     def log(self, metrics: dict) -> None:
         metrics = {"created_at": time.time(), **metrics}
@@ -90,8 +77,7 @@ def init_wandb(args: WandbArgs, run_config, run_name: str, dump_dir: str, id_fil
         run_id = open(id_path).read().strip()
     else:
         run_id = uuid.uuid4().hex[:12]
-        with open(id_path, "w") as f:
-            f.write(run_id)
+        atomic_write(id_path, run_id)
     run = wandb.init(
         project=args.project, entity=args.entity, mode=args.mode, tags=list(args.tags), group=args.group,
         dir=args.dir or dump_dir, id=run_id, resume="allow", name=run_name, config=run_config,
@@ -109,3 +95,34 @@ def gpu_peak_flops(device: torch.device) -> Optional[float]:
         if key in name:
             return flops
     return None
+
+
+def append_eval_record(path: str, record: dict) -> bool:
+    """Add `record` to a run's metrics.eval.jsonl unless a line with the same (global_step, eval_dir) is there
+    (then it is replaced if different). Under a file lock (several eval jobs may finish at once); torn lines are
+    dropped. Returns True if the file changed."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lines = []
+        if os.path.exists(path):
+            with open(path) as f:
+                for raw in f:
+                    try:
+                        lines.append(json.loads(raw))
+                    except ValueError:
+                        continue  # a line torn by a kill
+        key = (record["global_step"], record.get("eval_dir"))
+        same = [i for i, r in enumerate(lines) if (r.get("global_step"), r.get("eval_dir")) == key]
+        strip = lambda r: {k: v for k, v in r.items() if k != "created_at"}  # noqa: E731
+        if same and strip(lines[same[0]]) == strip(record) and len(same) == 1:
+            return False
+        if same:
+            lines = [r for i, r in enumerate(lines) if i not in same[1:]]
+            lines[same[0]] = record
+        else:
+            lines.append(record)
+        write_jsonl(path, lines)
+        return True

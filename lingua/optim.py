@@ -7,7 +7,13 @@ from functools import partial
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from lingua.args import ConfigError
+from lingua.args import Choice, ConfigError
+
+
+class Scheduler(Choice):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
 
 
 @dataclass
@@ -18,15 +24,13 @@ class OptimArgs:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     clip: float = 1.0  # max gradient norm (<= 0 disables clipping)
-    scheduler: str = "cosine"  # cosine | linear | constant
+    scheduler: Scheduler = Scheduler.cosine  # cosine | linear | constant
     warmup: int = 2000  # linear warmup steps
     lr_min_ratio: float = 0.1  # final lr as a fraction of lr (cosine, linear)
     decay_fraction: float = 1.0  # fraction of the post-warmup steps over which lr decays (rest stays at min)
     fused: bool = False  # use the fused AdamW kernel (CUDA)
 
     def validate(self):
-        if self.scheduler not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"optim.scheduler must be cosine, linear or constant, got '{self.scheduler}'")
         if self.lr <= 0:
             raise ConfigError("optim.lr must be > 0")
         if self.warmup < 0:
@@ -59,3 +63,18 @@ def build_optimizer(model: torch.nn.Module, args: OptimArgs, total_steps: int):
     )
     scheduler = LambdaLR(optimizer, partial(lr_factor, args=args, total_steps=total_steps))
     return optimizer, scheduler
+
+
+def apply_hyperparameters(optimizer, scheduler, args: OptimArgs) -> None:
+    """Make `args` the optimizer's hyperparameters from now on, after a checkpoint's optimizer and scheduler
+    state (which carry the values of the run that saved them) were loaded: betas, eps, weight decay, the peak lr
+    of the schedule, and the current lr under the (possibly changed) schedule."""
+    scheduler.base_lrs = [args.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["betas"] = (args.beta1, args.beta2)
+        group["eps"] = args.epsilon
+        group["weight_decay"] = args.weight_decay
+        group["initial_lr"] = args.lr
+    for group, lam in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = args.lr * lam(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

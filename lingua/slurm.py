@@ -3,6 +3,7 @@
 - `first_hostname(nodelist)`: the first host of a compressed node list such as `node[01-03,07],gpu5`.
 - `port_from_job_id(job_id)`: a rendezvous port every task of a job derives identically.
 - `in_slurm_job()`: whether this process runs inside a SLURM allocation (batch step or srun).
+- `job_free_env()`: the environment for launching a separate job, without this job's launch variables.
 - `requeue_current_job(max_requeues)`: `scontrol requeue $SLURM_JOB_ID`, bounded by SLURM_RESTART_COUNT so a
   run that keeps crashing does not requeue itself forever, and only while the job is still RUNNING: a job the
   user cancelled (`scancel` sends SIGTERM first), or one killed at its time limit, shows as COMPLETING and is
@@ -29,6 +30,7 @@ __all__ = [
     "restart_count",
     "job_state",
     "requeue_current_job",
+    "job_free_env",
 ]
 
 PORT_BASE = 20000
@@ -189,3 +191,22 @@ def requeue_current_job(max_requeues: int) -> bool:
         return False
     logger.info("requeued SLURM job %s (restart %d of at most %d)", target, restarts + 1, max_requeues)
     return True
+
+
+# Variables through which a launcher tells a process that it is one task of a job (torchrun's, SLURM's).
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+               "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+LAUNCH_PREFIXES = ("TORCHELASTIC_", "TORCH_ELASTIC_", "SLURM_", "SBATCH_", "SRUN_", "SALLOC_")
+
+
+def job_free_env(base: Optional[dict] = None) -> dict:
+    """A copy of the environment for launching a separate job (an sbatch submission, a child torchrun): without
+    the variables of the job this process belongs to, which would make the child think it is one of our ranks,
+    and without fault-injection rules. SLURM_CONF (which cluster) stays."""
+    from lingua.faults import ENV as FAULTS_ENV
+
+    env = dict(os.environ if base is None else base)
+    for key in list(env):
+        if key in LAUNCH_VARS or key == FAULTS_ENV or (key.startswith(LAUNCH_PREFIXES) and key != "SLURM_CONF"):
+            del env[key]
+    return env

@@ -16,17 +16,23 @@ import datetime
 import difflib
 import importlib
 import importlib.util
+import logging
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from lingua.args import ConfigError, dump_config, load_config
+from lingua.files import atomic_write, write_json
+from lingua.slurm import job_free_env
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["StoolArgs", "StoolError", "launch_job", "validate_app_config", "render_submit_script", "main"]
 
@@ -319,20 +325,6 @@ def render_submit_script(args: StoolArgs, dump_dir: str, workdir: str, code_dir:
     return "\n".join(lines + [line for line in body if line is not None]) + "\n"
 
 
-def _sbatch_env() -> dict:
-    """The submitting environment without the SLURM and torch.distributed variables of an enclosing job
-    (a job submitted from a training process would otherwise inherit its rank and world size)."""
-    env = dict(os.environ)
-    launch_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                   "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_WORLD_SIZE", "ROLE_NAME"}
-    for k in list(env):
-        if (k.startswith("SLURM_") and k != "SLURM_CONF") or k.startswith(("SBATCH_", "SRUN_", "SALLOC_")):
-            del env[k]
-        elif k in launch_vars or k.startswith("TORCHELASTIC_"):
-            del env[k]
-    return env
-
-
 def _confirm_delete(path: str) -> bool:
     try:
         answer = input(f"stool: delete the existing dump dir {path} and everything in it (checkpoints too)? [y/N] ")
@@ -364,7 +356,7 @@ def _launch(args: StoolArgs, config_overrides: Sequence[str]) -> Tuple[str, str]
     if not isinstance(args, StoolArgs):
         raise TypeError("launch_job expects a StoolArgs")
     check_args(args)
-    env = _sbatch_env()
+    env = job_free_env()
     if args.launcher == "sbatch" and shutil.which("sbatch", path=env.get("PATH")) is None:
         raise StoolError("sbatch is not on PATH: is SLURM installed here? (launcher=bash runs without SLURM)")
     if not os.path.isfile(args.config):
@@ -460,10 +452,7 @@ def _launch(args: StoolArgs, config_overrides: Sequence[str]) -> Tuple[str, str]
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
+    atomic_write(str(path), text, mode=0o755)
 
 
 def _drop_backups(restore: dict) -> None:
@@ -486,6 +475,47 @@ def _rollback(created: list, restore: dict) -> None:
             old.rename(path)
         else:
             Path(path).write_bytes(old)
+
+
+def submit_in_background(script: str, config, job_dir: str, options: dict, what: str, record: dict,
+                         on_failure=None):
+    """Submit `script` with `config` (an app config object) as its own SLURM job through stool, from a background
+    thread, so that the caller (a training job) does not wait for sbatch. The job runs this process's code (its
+    snapshot if it runs from one; `options["code_dir"]` overrides) and partition (unless `options["partition"]`),
+    with an environment free of the caller's job variables. Writes <job_dir>/job_request.yaml (the config) and,
+    once submitted, <job_dir>/launched.json (`record` + job id + command); calls `on_failure()` if it fails.
+    Returns the thread (not a daemon: the interpreter waits for the submission before it exits)."""
+    import threading
+
+    os.makedirs(job_dir, exist_ok=True)
+    request = os.path.join(job_dir, "job_request.yaml")
+    dump_config(config, request)
+    options = dict(options, script=script, config=request, dirs_exists_ok="true", copy_code="false")
+    options["code_dir"] = options.get("code_dir") or current_snapshot() or ""
+    options["partition"] = options.get("partition") or os.environ.get("SLURM_JOB_PARTITION", "")
+    safe = ["-P"] if sys.version_info >= (3, 11) else []  # the cwd must not shadow the code of this process
+    cmd = [sys.executable, *safe, "-m", "lingua.stool"] + [f"{k}={v}" for k, v in options.items() if str(v) != ""]
+    env = job_free_env()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_package_root()), env.get("PYTHONPATH", "")) if p)
+
+    def submit():
+        try:
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            if res.returncode != 0:
+                raise StoolError(f"stool exited with {res.returncode}: {(res.stderr or res.stdout).strip()[-2000:]}")
+            m = re.search(r"submitted job (\S+)", res.stdout)
+            job = m.group(1) if m else None
+            write_json(os.path.join(job_dir, "launched.json"),
+                       {**record, "job_id": job, "launched_at": time.time(), "command": cmd})
+            logger.info(f"{what} submitted as job {job} (resubmit with: sbatch {os.path.join(job_dir, 'submit.slurm')})")
+        except Exception as e:  # noqa: BLE001 (never reaches the caller)
+            if on_failure is not None:
+                on_failure()
+            logger.error(f"launching the {what} FAILED: {type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=submit, name=f"submit-{os.path.basename(job_dir)}", daemon=False)
+    thread.start()
+    return thread
 
 
 USAGE = """usage: python -m lingua.stool script=apps.main.train config=<yaml> partition=<p> [option=value ...] [-- key=value ...]

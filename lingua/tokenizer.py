@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from lingua.args import ConfigError
+from lingua.args import Choice, ConfigError
 
 __all__ = [
     "TokenizerArgs",
@@ -25,12 +25,18 @@ __all__ = [
     "TOKENIZER_NAMES",
 ]
 
-TOKENIZER_NAMES = ("bytes", "sp", "tiktoken")
+class TokenizerName(Choice):
+    bytes = "bytes"
+    sp = "sp"
+    tiktoken = "tiktoken"
+
+
+TOKENIZER_NAMES = tuple(n.value for n in TokenizerName)
 
 
 @dataclass
 class TokenizerArgs:
-    name: str = "bytes"  # which tokenizer: bytes (built in, 258 ids) | sp (sentencepiece) | tiktoken (BPE rank file)
+    name: TokenizerName = TokenizerName.bytes  # which tokenizer: bytes (built in, 258 ids) | sp (sentencepiece) | tiktoken (BPE rank file)
     path: Optional[str] = None  # local model file for sp (.model) or tiktoken (.tiktoken rank file); unused for bytes
 
 

@@ -1,4 +1,5 @@
-"""Llama-style building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+"""The language model: Llama-style blocks (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU) and
+`LMTransformer` (token embeddings -> blocks -> norm -> output head), trained by apps.main.train.
 
 Modules are built on the meta device and materialised after sharding; `init_weights(seed)` then fills
 every parameter from a generator seeded by (seed, parameter name), on the full shape, and keeps this
@@ -14,7 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lingua.args import ConfigError
+from lingua.args import Choice, ConfigError
+
+
+class AttnImpl(Choice):
+    sdpa = "sdpa"
+    xformers = "xformers"
+    auto = "auto"
+
+
+class InitStdFactor(Choice):
+    disabled = "disabled"
+    current_depth = "current_depth"
 
 
 @dataclass
@@ -30,8 +42,8 @@ class BaseTransformerArgs:
     rope_theta: float = 10000.0  # rotary embedding base
     max_seqlen: int = 1024  # longest sequence the rotary table covers
     init_base_std: Optional[float] = None  # std of weight init; default dim ** -0.5
-    init_std_factor: str = "disabled"  # disabled | current_depth: scale output projections by depth
-    attn_impl: str = "sdpa"  # sdpa (torch scaled_dot_product_attention) | xformers (CUDA + xformers only) | auto
+    init_std_factor: InitStdFactor = InitStdFactor.disabled  # disabled | current_depth: scale output projections by depth
+    attn_impl: AttnImpl = AttnImpl.sdpa  # sdpa (torch scaled_dot_product_attention) | xformers (CUDA + xformers only) | auto
 
     def validate(self):
         if self.n_heads is None and self.head_dim is None:
@@ -44,10 +56,6 @@ class BaseTransformerArgs:
             raise ConfigError(f"model head_dim ({head_dim}) must be even for rotary embeddings")
         if self.n_kv_heads is not None and n_heads % self.n_kv_heads:
             raise ConfigError(f"model.n_heads ({n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})")
-        if self.attn_impl not in ("sdpa", "xformers", "auto"):
-            raise ConfigError(f"model.attn_impl must be sdpa, xformers or auto, got '{self.attn_impl}'")
-        if self.init_std_factor not in ("disabled", "current_depth"):
-            raise ConfigError("model.init_std_factor must be disabled or current_depth")
 
     @property
     def heads(self) -> tuple:
@@ -162,13 +170,18 @@ class Attention(nn.Module):
         return self.wo(out.reshape(bsz, seqlen, -1))
 
 
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """SwiGLU hidden size (Llama's rule): 2/3 of 4 * dim, times ffn_dim_multiplier, rounded up to multiple_of."""
+    hidden_dim = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
+    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+
+
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]):
+    def __init__(self, dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]):
         super().__init__()
-        hidden_dim = int(2 * hidden_dim / 3)
-        if ffn_dim_multiplier is not None:
-            hidden_dim = int(ffn_dim_multiplier * hidden_dim)
-        hidden_dim = multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+        hidden_dim = ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier)
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
@@ -182,7 +195,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         n_heads, head_dim, n_kv_heads = args.heads
         self.attention = Attention(args.dim, n_heads, head_dim, n_kv_heads, args.attn_impl)
-        self.feed_forward = FeedForward(args.dim, 4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
+        self.feed_forward = FeedForward(args.dim, args.multiple_of, args.ffn_dim_multiplier)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -226,3 +239,70 @@ class BaseTransformer(nn.Module):
             clean = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
             kind = "ones" if clean.endswith("norm.weight") else "trunc_normal"
             init_param_(param, clean, seed, self.init_std(clean), kind)
+
+
+# ------------------------------------------------------------------------------------------ the LM
+
+
+@dataclass
+class LMTransformerArgs(BaseTransformerArgs):
+    vocab_size: int = -1  # -1: take it from the tokenizer
+    weight_tying: bool = False  # share the embedding and output matrices
+    seed: int = 42  # seed of init_weights (same seed -> same weights at any world size)
+
+
+class LMTransformer(BaseTransformer):
+    def __init__(self, args: LMTransformerArgs):
+        super().__init__(args)
+        assert args.vocab_size > 0, "vocab_size must be resolved before building the model"
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.weight_tying:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        target: Optional[torch.Tensor] = None,
+        caches=None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """Logits [B, S, V], or the mean cross-entropy loss when `target` is given."""
+        h = super().forward(self.tok_embeddings(tokens), caches, start)
+        logits = self.output(self.norm(h))
+        if target is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(0, 1))
+
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        super().init_weights(self.args.seed if seed is None else seed)
+
+
+def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        n -= model.tok_embeddings.weight.numel()
+    return n
+
+
+def flops_per_token(args: LMTransformerArgs, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus attention (Chinchilla-style estimate)."""
+    n_heads, head_dim, _ = args.heads
+    return 6 * n_params + 6 * args.n_layers * seq_len * n_heads * head_dim
+
+
+def build_model(margs: LMTransformerArgs, dist_state, dist_args, init: bool = False) -> LMTransformer:
+    """The model built on the meta device, sharded (FSDP2, lingua.distributed.parallelize_model), then materialised
+    on this rank's device. init=False builds only the buffers: for a model whose every parameter is loaded next."""
+    from lingua.distributed import parallelize_model
+
+    with torch.device("meta"):
+        model = LMTransformer(margs)
+    model = parallelize_model(model, dist_state.mesh, dist_args)
+    model.to_empty(device=dist_state.device)
+    if init:
+        model.init_weights()
+    else:
+        model.init_buffers()
+    return model

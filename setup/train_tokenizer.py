@@ -80,11 +80,10 @@ def train_sentencepiece(texts: Iterable[str], out_path: str, vocab_size: int = 1
         minloglevel=2,
         hard_vocab_limit=False,
     )
+    from lingua.files import atomic_write
+
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, out_path)
+    atomic_write(out_path, model.getvalue())
     return out_path
 
 

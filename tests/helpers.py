@@ -9,6 +9,8 @@ import sys
 
 import yaml
 
+from lingua.slurm import job_free_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(REPO, "tests", "assets", "tinyshakespeare.txt")  # shipped: nothing outside the repo
 
@@ -74,10 +76,8 @@ def free_port() -> int:
 
 
 def clean_env(extra=None) -> dict:
-    env = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-                "SLURM_JOB_ID", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "LINGUA_FAULT", "LINGUA_TEST_HIDE_CKPT"):
-        env.pop(key, None)
+    """The environment of a launched run: no launch variables of an enclosing job, no fault rules, this repo first."""
+    env = job_free_env()
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra or {})

@@ -14,6 +14,8 @@ import pytest
 
 from apps.bench import common
 
+pytestmark = pytest.mark.e2e  # real torchrun / SLURM / benchmark processes
+
 REPO = common.REPO_ROOT
 
 

@@ -12,7 +12,8 @@ import psutil
 import pytest
 import torch
 
-from lingua.checkpoint import CheckpointArgs, CheckpointManager, SaveEvery, pin, write_json_atomic
+from lingua.checkpoint import CheckpointArgs, CheckpointManager, SaveEvery, pin
+from lingua.files import write_json
 from tests.helpers import (
     REPO,
     clean_env,
@@ -25,6 +26,8 @@ from tests.helpers import (
     run_train,
     tiny_config,
 )
+
+pytestmark = pytest.mark.e2e  # real torchrun / SLURM / benchmark processes
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +83,8 @@ def assert_states_equal(a, b):
             assert fa[key] == fb[key], key
 
 
-def kill_then_rerun(cfg, dump, fault, extra=(), env=None):
-    env = {"LINGUA_FAULT": fault, **(env or {})}
-    first = run_train(cfg, dump, nproc=2, args=extra, env=env)
+def kill_then_rerun(cfg, dump, rules, extra=()):
+    first = run_train(cfg, dump, nproc=2, args=extra, env={"LINGUA_FAULTS": rules})
     assert first.returncode != 0, "the fault should have killed the run"
     second = run_train(cfg, dump, nproc=2, args=extra)
     assert second.returncode == 0, output(second)[-4000:]
@@ -93,18 +95,18 @@ def kill_then_rerun(cfg, dump, fault, extra=(), env=None):
 
 
 @pytest.mark.parametrize(
-    "name, extra, env, resumed_from",
+    "name, extra, rules, resumed_from",
     [
-        ("plain", [], {}, 8),
+        ("plain", [], "step@10:1=kill", 8),
         # The async save of step 8 is held back (not committed) when rank 1 dies at step 10: resume from 4.
-        ("plain", ["checkpoint.async_save=true"], {"LINGUA_TEST_ASYNC_DELAY": "8:30"}, 4),
-        ("acc", ["grad_acc_steps=2"], {}, 8),
+        ("plain", ["checkpoint.async_save=true"], "step@10:1=kill;save.async_write@8=sleep(30)", 4),
+        ("acc", ["grad_acc_steps=2"], "step@10:1=kill", 8),
     ],
     ids=["sync", "async-in-flight", "grad-acc"],
 )
-def test_sigkill_one_rank_then_rerun_is_bitwise_exact(tmp_path, cfg, reference, name, extra, env, resumed_from):
+def test_sigkill_one_rank_then_rerun_is_bitwise_exact(tmp_path, cfg, reference, name, extra, rules, resumed_from):
     dump = str(tmp_path / "run")
-    _, second = kill_then_rerun(cfg, dump, "step_10:1", extra, env)
+    _, second = kill_then_rerun(cfg, dump, rules, extra)
     assert f"resuming from {ckpt_path(dump, resumed_from)}" in output(second)
     ref = losses(reference[name])
     got = losses(dump)
@@ -117,7 +119,7 @@ def test_sigkill_one_rank_then_rerun_is_bitwise_exact(tmp_path, cfg, reference, 
 
 def test_async_save_commits_and_resumes_exactly(tmp_path, cfg, reference):
     dump = str(tmp_path / "run")
-    _, second = kill_then_rerun(cfg, dump, "step_10:0", ["checkpoint.async_save=true"])
+    _, second = kill_then_rerun(cfg, dump, "step@10:0=kill", ["checkpoint.async_save=true"])
     assert "async checkpoint step" in output(second) and "training blocked" in output(second)
     assert losses(dump) == losses(reference["plain"])
 
@@ -125,14 +127,14 @@ def test_async_save_commits_and_resumes_exactly(tmp_path, cfg, reference):
 # ------------------------------------------------------------------------------- crash during save
 
 
-@pytest.mark.parametrize("point", ["after_train_state@8:1", "after_shards@8:0", "after_shards@8:1",
-                                   "before_commit@8:0", "before_commit@8:1"])
+@pytest.mark.parametrize("point", ["save.after_train_state@8:1", "save.after_shards@8:0", "save.after_shards@8:1",
+                                   "save.before_commit@8:0", "save.before_commit@8:1"])
 def test_crash_during_save_resumes_from_previous(tmp_path, cfg, reference, point):
     dump = str(tmp_path / "run")
-    first = run_train(cfg, dump, nproc=2, env={"LINGUA_FAULT": point})
+    first = run_train(cfg, dump, nproc=2, env={"LINGUA_FAULTS": f"{point}=kill"})
     assert first.returncode != 0
     committed = committed_steps(dump)
-    if point == "before_commit@8:1":
+    if point == "save.before_commit@8:1":
         # Every rank had written and reported its files; rank 0 may still commit step 8 (complete) before
         # torchrun stops it. Either way the newest committed checkpoint is complete.
         assert committed in ([4], [4, 8])
@@ -149,7 +151,7 @@ def test_crash_during_save_resumes_from_previous(tmp_path, cfg, reference, point
 
 def test_crash_right_after_commit_keeps_the_new_checkpoint(tmp_path, cfg, reference):
     dump = str(tmp_path / "run")
-    first = run_train(cfg, dump, nproc=2, env={"LINGUA_FAULT": "after_commit@8:0"})
+    first = run_train(cfg, dump, nproc=2, env={"LINGUA_FAULTS": "save.after_commit@8:0=kill"})
     assert first.returncode != 0
     assert committed_steps(dump) == [4, 8]
     second = run_train(cfg, dump, nproc=2)
@@ -201,7 +203,7 @@ def test_bit_flip_caught_by_checksum_when_verify_is_on(tmp_path, cfg, reference)
 def test_rank_that_cannot_see_newest_checkpoint_makes_all_fall_back(tmp_path, cfg, reference):
     dump = str(tmp_path / "run")
     _copy_run(reference["plain"], dump)
-    proc = run_train(cfg, dump, nproc=2, env={"LINGUA_TEST_HIDE_CKPT": "1:12"})
+    proc = run_train(cfg, dump, nproc=2, env={"LINGUA_FAULTS": "resolve.candidate@12:1=hide"})
     assert proc.returncode == 0, output(proc)[-4000:]
     assert "rank 1:" in output(proc) and f"resuming from {ckpt_path(dump, 8)}" in output(proc)
     # Both ranks continued from step 8: the logged steps 9..12 were recomputed and equal the reference.
@@ -244,7 +246,7 @@ def _wait_for_step(dump, step, proc, timeout=120):
 @pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM])
 def test_signal_to_one_rank_saves_same_step_and_rerun_is_exact(tmp_path, cfg, reference, signum):
     dump = str(tmp_path / "run")
-    proc = _start_background(cfg, dump, env={"LINGUA_TEST_STEP_SLEEP": "0.3"})
+    proc = _start_background(cfg, dump, env={"LINGUA_FAULTS": "step=sleep(0.3)"})
     _wait_for_step(dump, 5, proc)
     workers = _worker_pids(proc)
     os.kill(workers[1], signum)
@@ -280,7 +282,7 @@ def test_dead_rank_makes_the_other_exit_in_bounded_time(tmp_path, cfg):
     start = time.time()
     for rank in range(2):
         env = clean_env({"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2",
-                         "SLURM_JOB_ID": job, "SLURM_JOB_NODELIST": "localhost", "LINGUA_FAULT": "step_5:1"})
+                         "SLURM_JOB_ID": job, "SLURM_JOB_NODELIST": "localhost", "LINGUA_FAULTS": "step@5:1=kill"})
         procs.append(subprocess.Popen([sys.executable, "-m", "apps.main.train", f"config={cfg}", f"dump_dir={dump}",
                                        "distributed.timeout_s=20", "steps=100000"],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
@@ -330,7 +332,7 @@ class _FakeDist:
 def _fake_checkpoint(root, step, kinds):
     path = os.path.join(root, f"{step:010d}")
     os.makedirs(path)
-    write_json_atomic(os.path.join(path, "COMMIT.json"), {"step": step, "kinds": kinds, "files": {}})
+    write_json(os.path.join(path, "COMMIT.json"), {"step": step, "kinds": kinds, "dp_world_size": 1, "files": {}})
     return path
 
 
@@ -343,6 +345,7 @@ def test_retention_keeps_exactly_what_keep_says(tmp_path):
         _fake_checkpoint(root, step, kinds)
     pin(os.path.join(root, f"{2:010d}"), "eval-job")
     manager.apply_retention()
+    manager.close()  # deletions run in the background
     # dump keep 2 -> 8, 10; eval keep 1 -> 9; 2 is pinned.
     assert sorted(int(n) for n in os.listdir(root)) == [2, 8, 9, 10]
 
@@ -355,6 +358,7 @@ def test_retention_never_deletes_newest_committed(tmp_path):
     _fake_checkpoint(root, 4, ["dump"])
     _fake_checkpoint(root, 5, ["preempt"])
     manager.apply_retention()
+    manager.close()
     assert sorted(int(n) for n in os.listdir(root)) == [3, 4, 5]
 
 
@@ -387,7 +391,7 @@ def test_cli_list_verify_consolidate(tmp_path, cfg, reference):
     assert cons.returncode == 0, cons.stderr
     consolidated = torch.load(str(tmp_path / "cons" / "consolidated.pth"))
     params = json.load(open(tmp_path / "cons" / "params.json"))
-    from apps.main.transformer import LMTransformer, LMTransformerArgs
+    from lingua.transformer import LMTransformer, LMTransformerArgs
 
     model = LMTransformer(LMTransformerArgs(**params["model"]))
     model.load_state_dict(consolidated)
@@ -433,7 +437,7 @@ def test_checkpoint_from_a_different_model_shape(tmp_path, cfg, reference):
     _copy_run(reference["plain"], dump)
     proc = run_train(cfg, dump, nproc=2, args=["model.dim=64", "steps=16"])
     assert proc.returncode != 0
-    assert "has shape" in proc.stderr and "model." in proc.stderr
+    assert "model.dim: 32 -> 64" in proc.stderr and "cannot change on resume" in proc.stderr
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert committed_steps(dump) == [4, 8, 12]
 
@@ -498,7 +502,7 @@ def test_enospc_in_the_middle_of_a_write_leaves_nothing_loadable(tmp_path, cfg, 
     root = small_disk("300k")  # smaller than one checkpoint; the space check is bypassed to hit a real ENOSPC
     dump = str(tmp_path / "run")
     proc = run_train(cfg, dump, nproc=2, args=[f"checkpoint.path={root}/ck", "steps=4"],
-                     env={"LINGUA_TEST_SKIP_SPACE_CHECK": "1"})
+                     env={"LINGUA_FAULTS": "save.space_check=pass"})
     assert proc.returncode == 1
     assert "checkpoint save FAILED" in output(proc)
     assert os.listdir(f"{root}/ck") == []  # staging removed, nothing committed

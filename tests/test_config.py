@@ -1,6 +1,5 @@
 """Config parsing: defaults <- YAML <- dotlist, and the errors a user sees."""
 
-import os
 import subprocess
 import sys
 

@@ -16,6 +16,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from tests.helpers import clean_env
+
+pytestmark = pytest.mark.e2e  # real torchrun / SLURM / benchmark processes
+
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO / "tests" / "assets" / "tinyshakespeare.txt"
 STEPS, EVERY = 8, 4
@@ -24,13 +28,7 @@ VAL = {"max_steps": 2, "batch_size": 2, "seq_len": 32}
 
 
 def _env(extra=None) -> dict:
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LINGUA_FAULT"):
-        env.pop(k, None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env.update({"OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
-    env.update(extra or {})
-    return env
+    return clean_env({"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", **(extra or {})})
 
 
 def _cmd(module: str, nproc: int, *args) -> list:
@@ -193,7 +191,7 @@ def _plain_model(ckpt: Path):
     """The checkpoint's model as a plain module, read with DCP in this process (no process group)."""
     import torch.distributed.checkpoint as dcp
 
-    from apps.main.transformer import LMTransformer, LMTransformerArgs
+    from lingua.transformer import LMTransformer, LMTransformerArgs
 
     params = json.loads((ckpt / "params.json").read_text())
     model = LMTransformer(LMTransformerArgs(**params["model"]))
@@ -281,7 +279,7 @@ def test_eval_resumes_after_kill_without_recomputing(runs, tmp_path):
     cfg = _eval_config(tmp_path / "eval.yaml")
     out = tmp_path / "ev"
     args = (f"config={cfg}", f"ckpt_dir={ckpt}", f"dump_dir={out}")
-    res = run("apps.main.eval", 1, *args, env={"LINGUA_FAULT": "eval_after_val_a"})
+    res = run("apps.main.eval", 1, *args, env={"LINGUA_FAULTS": "eval.after_part=kill"})
     assert res.returncode != 0
     part_a = out / "parts" / "val.a.json"
     assert part_a.exists() and not (out / "parts" / "val.b.json").exists()

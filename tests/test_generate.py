@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from apps.main.transformer import LMTransformer, LMTransformerArgs
 from lingua.generation import GenerationArgs, KVCache, generate, generate_tokens, sample_tokens, token_logprobs
 from lingua.lm_eval_wrapper import rolling_windows
 from lingua.tokenizer import BytesTokenizer
+from lingua.transformer import LMTransformer, LMTransformerArgs
 
 REPO = Path(__file__).resolve().parent.parent
 ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seqlen=48, vocab_size=258, seed=3)
@@ -106,6 +106,7 @@ def test_token_logprobs_and_rolling_windows(model):
     assert all(len(row) == 9 for row, _ in windows[1:])  # later windows keep a full context
 
 
+@pytest.mark.e2e
 def test_generate_cli(model, tmp_path):
     """A consolidated checkpoint (full state dict + params.json); one prompt, then prompts from a file."""
     ckpt = tmp_path / "0000000005" / "consolidated"

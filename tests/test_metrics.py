@@ -24,13 +24,14 @@ def test_metric_logger_truncates_after_resume_step_and_drops_torn_line(tmp_path)
     assert records[-1]["loss/out"] == 50.0
 
 
+@pytest.mark.e2e
 def test_wandb_offline_and_resumed_run_keeps_its_id(tmp_path):
     pytest.importorskip("wandb", reason="wandb is an optional extra (installed by setup/create_env.sh)")
     corpus = make_corpus(str(tmp_path / "data"))
     cfg = tiny_config(str(tmp_path / "c.yaml"), corpus, steps=6, **{"checkpoint.dump.every": 2})
     dump = str(tmp_path / "dump")
     extra = ["logging.wandb.mode=offline", "logging.wandb.project=test"]
-    first = run_train(cfg, dump, nproc=0, args=extra, env={"LINGUA_FAULT": "step_3", "WANDB_SILENT": "true"})
+    first = run_train(cfg, dump, nproc=0, args=extra, env={"LINGUA_FAULTS": "step@3=kill", "WANDB_SILENT": "true"})
     assert first.returncode != 0
     run_id = open(os.path.join(dump, "wandb_run_id")).read().strip()
     second = run_train(cfg, dump, nproc=0, args=extra, env={"WANDB_SILENT": "true"})

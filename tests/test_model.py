@@ -6,8 +6,7 @@ import sys
 import pytest
 import torch
 
-from apps.main.transformer import LMTransformer, LMTransformerArgs
-from lingua.transformer import apply_rope, rope_tables
+from lingua.transformer import LMTransformer, LMTransformerArgs, apply_rope, rope_tables
 from tests.helpers import REPO, clean_env, free_port
 
 
@@ -68,6 +67,7 @@ def _dump(tmp_path, nproc, fsdp_type="full_shard"):
     return torch.load(out)
 
 
+@pytest.mark.e2e
 def test_init_is_independent_of_world_size_and_sharding(tmp_path):
     one = _dump(tmp_path, 1)
     two = _dump(tmp_path, 2)

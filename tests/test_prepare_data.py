@@ -14,9 +14,7 @@ import pytest
 
 from lingua.data import DataArgs, build_dataloader, check_data_args, find_validation_files, init_dataloader_state
 from lingua.tokenizer import TokenizerArgs, build_tokenizer
-
 from tests.helpers import REPO, SHAKESPEARE, load_script
-
 
 prepare_data = load_script("prepare_data")
 
@@ -105,7 +103,7 @@ def test_external_shuffle_every_document_exactly_once(inputs, tmp_path):
     args = DataArgs(root_dir=out, seq_len=32, batch_size=2, load_async=False)
     check_data_args(args)
     with build_dataloader(args, init_dataloader_state(args, 1, 2)) as it:
-        batch, _ = next(it)
+        batch = next(it).tokens
     assert batch.shape == (2, 32, 2)
     assert find_validation_files(out, "mix") == [os.path.join(out, "mix", "mix.val.jsonl")]
 
@@ -163,7 +161,7 @@ def test_real_text_and_sentencepiece_tokenizer(tmp_path):
     check_data_args(args)
     tok = build_tokenizer(args.tokenizer)
     with build_dataloader(args, init_dataloader_state(args, 0, 1)) as it:
-        batch, _ = next(it)
+        batch = next(it).tokens
     assert tok.n_words == 600 and batch.max() < 600
     assert "the" in tok.decode(batch[0, :, 0].tolist()).lower()
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.e2e  # real torchrun / SLURM / benchmark processes
+
 REPO = Path(__file__).resolve().parent.parent
 DEBUG_CONFIG = REPO / "configs" / "debug.yaml"
 STEPS = 200
@@ -24,8 +26,6 @@ TINY = [
     f"checkpoint.dump.every={CKPT_EVERY}", "checkpoint.dump.keep=2", "checkpoint.eval.every=-1",
 ]
 JOB_TIMEOUT = 240
-
-pytestmark = pytest.mark.skipif(not DEBUG_CONFIG.exists(), reason="configs/debug.yaml is missing")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Tokenizers: bytes, sentencepiece (trained here), tiktoken (a rank file made here); their errors."""
 
 import base64
-import os
 
 import numpy as np
 import pytest
@@ -10,8 +9,7 @@ from hypothesis import strategies as st
 
 from lingua.args import ConfigError
 from lingua.tokenizer import BytesTokenizer, TokenizerArgs, build_tokenizer
-
-from tests.helpers import REPO, SHAKESPEARE, load_script
+from tests.helpers import SHAKESPEARE, load_script
 
 
 def training_texts():

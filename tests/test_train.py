@@ -10,6 +10,8 @@ import pytest
 
 from tests.helpers import REPO, clean_env, free_port, losses, make_corpus, metrics, output, run_train, tiny_config
 
+pytestmark = pytest.mark.e2e  # real torchrun / SLURM / benchmark processes
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):

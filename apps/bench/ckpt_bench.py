@@ -1,6 +1,6 @@
 """Checkpoint save cost: lingua.checkpoint.CheckpointManager (sync and async) against raw writes of the same bytes.
 
-One torchrun launch (N processes) builds the trainer's model and optimizer (apps.main.train.build_model, one
+One torchrun launch (N processes) builds the trainer's model and optimizer (lingua.transformer.build_model, one
 optimizer step so that AdamW's moments exist) at a size whose checkpoint is a few hundred MB, then, `repeats`
 times in rotating order:
   - raw:   every rank writes its local shards of the same tensors (model + optimizer state), padded to the bytes
@@ -169,15 +169,16 @@ def build_trained(config: str, dump_dir: str, extra=()):
     """(args, dist_state, model, optimizer, scheduler) of the trainer after one real optimizer step."""
     import torch
 
-    from apps.main.train import build_model, load_train_config
+    from apps.main.train import load_train_config
     from lingua.distributed import setup_torch_distributed
     from lingua.optim import build_optimizer
     from lingua.tokenizer import build_tokenizer
+    from lingua.transformer import build_model
 
     args = load_train_config([f"config={config}", f"dump_dir={dump_dir}", *extra])
     dist_state = setup_torch_distributed(args.distributed)
     args.model.vocab_size = build_tokenizer(args.data.tokenizer).n_words
-    model = build_model(args, dist_state)
+    model = build_model(args.model, dist_state, args.distributed, init=True)
     optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
     g = torch.Generator().manual_seed(dist_state.env.rank)
     tokens = torch.randint(0, args.model.vocab_size, (args.data.batch_size, args.data.seq_len + 1), generator=g)
@@ -192,16 +193,15 @@ def worker(a) -> int:
     import torch
     import torch.distributed as dist
 
-    from apps.main.train import TrainState, train_state_dict
-    from apps.main.transformer import num_params
     from lingua.args import config_to_dict
-    from lingua.checkpoint import CheckpointManager, read_commit
+    from lingua.checkpoint import CheckpointManager, TrainState, read_commit, train_state_file
+    from lingua.transformer import num_params
 
     dump = os.path.join(a.work, "dump")
     args, dist_state, model, optimizer, scheduler = build_trained(a.config, dump)
     rank, world = dist_state.env.rank, dist_state.env.world_size
     group = dist_state.cpu_group
-    train_state = train_state_dict(TrainState(step=1, data_state={"bench": True}), scheduler)
+    train_state = TrainState(scheduler, data={"bench": True})
     managers = {}
     for kind in ("sync", "async", "sync_nocrc"):
         cargs = type(args.checkpoint)(**{**args.checkpoint.__dict__})
@@ -247,6 +247,7 @@ def worker(a) -> int:
             res["step_s"].append(rank_max(step_s))
         for kind in order:
             step += 1
+            train_state.step = step
             if kind == "raw":
                 path = os.path.join(raw_dir, f"rank_{rank:05d}.bin")
                 s, _ = timed(lambda: _raw_write(path, arrays, my_bytes))
@@ -256,12 +257,12 @@ def worker(a) -> int:
                 continue
             mgr = managers[kind]
             if kind in ("sync", "sync_nocrc"):
-                s, ok = timed(lambda: mgr.save(step, model, optimizer, train_state, ["dump"]))
+                s, ok = timed(lambda: mgr.save(model, optimizer, train_state, ["dump"]))
                 assert ok, "sync save failed"
                 if r:
                     res[f"{kind}_s"].append(s)
             else:
-                call, ok = timed(lambda: mgr.save(step, model, optimizer, train_state, ["dump"]))
+                call, ok = timed(lambda: mgr.save(model, optimizer, train_state, ["dump"]))
                 assert ok, "async save failed"
                 t_return = time.perf_counter()
                 during, waited = _train_step(model, optimizer, tokens, mgr)
@@ -285,7 +286,7 @@ def worker(a) -> int:
             if rank == 0:
                 mine += [n for n in files if not n.startswith("__")]
             else:
-                mine += [n for n in files if n == f"train_state_{dist_state.dp_rank:05d}.json"]
+                mine += [n for n in files if n == train_state_file(dist_state.dp_rank)]
             my_bytes = sum(files[n]["size"] for n in set(mine))
             remove(ckpt_dir)
         order = order[1:] + order[:1]  # rotate: each kind runs first, middle and last

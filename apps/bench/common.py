@@ -20,6 +20,8 @@ from typing import Dict, List, Optional
 
 import yaml
 
+from lingua.files import atomic_write, write_jsonl
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEBUG_CONFIG = os.path.join(REPO_ROOT, "configs", "debug.yaml")
 SHAKESPEARE = os.path.join(REPO_ROOT, "tests", "assets", "tinyshakespeare.txt")
@@ -118,11 +120,7 @@ def _write_text_corpus(text_path: str, root: str, source: str) -> None:
     os.makedirs(folder, exist_ok=True)
     with open(text_path, encoding="utf-8") as f:
         docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
-    tmp = os.path.join(folder, f"{source}.chunk.00.jsonl.part")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}) + "\n")
-    os.replace(tmp, os.path.join(folder, f"{source}.chunk.00.jsonl"))
+    write_jsonl(os.path.join(folder, f"{source}.chunk.00.jsonl"), [{"text": d} for d in docs])
 
 
 def ensure_corpus(work_dir: str) -> tuple:
@@ -187,13 +185,13 @@ def free_port() -> int:
 
 
 def bench_env(threads: int) -> dict:
-    env = dict(os.environ)
+    from lingua.slurm import job_free_env
+
+    env = job_free_env()
     env["OMP_NUM_THREADS"] = str(threads)
     # LINGUA_BENCH_SRC=<another checkout> runs the launched processes on that tree (A/B of a change).
     src = os.environ.get("LINGUA_BENCH_SRC", REPO_ROOT)
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LINGUA_FAULT"):
-        env.pop(key, None)
     return env
 
 
@@ -240,10 +238,7 @@ def read_json(path: str) -> dict:
 
 
 def write_json(path: str, obj) -> None:
-    tmp = path + ".part"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1, default=str))
 
 
 def clean_dir(path: str) -> None:

@@ -25,7 +25,6 @@ import time
 
 from apps.bench import ckpt_bench, common
 
-
 # ------------------------------------------------------------------------------------------ runner side
 
 
@@ -140,11 +139,12 @@ def _raw_read(paths: list, chunk: int = 64 << 20) -> int:
 def worker(a) -> int:
     import torch.distributed as dist
 
-    from apps.main.train import build_model, load_train_config
+    from apps.main.train import load_train_config
     from lingua.checkpoint import load_model_optim
     from lingua.distributed import setup_torch_distributed
     from lingua.optim import build_optimizer
     from lingua.tokenizer import build_tokenizer
+    from lingua.transformer import build_model
 
     args = load_train_config([f"config={a.config}", f"dump_dir={os.path.dirname(a.out)}"])
     dist_state = setup_torch_distributed(args.distributed)
@@ -152,10 +152,7 @@ def worker(a) -> int:
 
     def fresh():
         """A new model + optimizer, as a resuming trainer has them (the first load is what a resume pays)."""
-        try:
-            model = build_model(args, dist_state, init=False)
-        except TypeError:  # an older tree (A/B runs): no init option
-            model = build_model(args, dist_state)
+        model = build_model(args.model, dist_state, args.distributed)
         return model, build_optimizer(model, args.optim, args.steps)[0]
     rank, group = dist_state.env.rank, dist_state.cpu_group
     files = _ckpt_files(a.ckpt)

@@ -10,7 +10,7 @@ One torchrun launch (N processes) runs, alternately and `repeats` times:
     1-D mesh of the same processes, the same batch shape (in memory), AdamW(foreach), clip_grad_norm_, and a
     barrier-timed loop over the same steps.
 The ratio trainer / reference is taken per pair and the median reported. MFU uses the FLOPs per token of
-apps.main.transformer.flops_per_token against the matmul peak measured in the same processes (each rank times
+lingua.transformer.flops_per_token against the matmul peak measured in the same processes (each rank times
 a large torch.mm at the same time; the peaks are summed).
 
     python -m apps.bench.run --only train
@@ -124,7 +124,7 @@ def _build_reference(train_args, mesh):
     import torch
     from torch.distributed.fsdp import fully_shard
 
-    from apps.main.transformer import LMTransformer
+    from lingua.transformer import LMTransformer
 
     with torch.device("meta"):
         model = LMTransformer(train_args.model)
@@ -187,8 +187,8 @@ def worker(a) -> int:
 
     from apps.main.train import load_train_config
     from apps.main.train import main as train_main
-    from apps.main.transformer import flops_per_token, num_params
     from lingua.tokenizer import build_tokenizer
+    from lingua.transformer import flops_per_token, num_params
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     rdzv = common.Rendezvous()
@@ -197,7 +197,7 @@ def worker(a) -> int:
     if targs.model.vocab_size < 0:
         targs.model.vocab_size = build_tokenizer(targs.data.tokenizer).n_words
     with torch.device("meta"):
-        from apps.main.transformer import LMTransformer
+        from lingua.transformer import LMTransformer
 
         n_params = num_params(LMTransformer(targs.model))
     tokens_per_step = targs.data.batch_size * targs.data.seq_len * targs.grad_acc_steps

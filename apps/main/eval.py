@@ -17,8 +17,6 @@ with its own `<dump_dir>/evals/<step>/submit.slurm`.
 
 import copy
 import dataclasses
-import fcntl
-import glob
 import hashlib
 import json
 import logging
@@ -35,33 +33,25 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from apps.main.transformer import LMTransformer, LMTransformerArgs
-from lingua.args import ConfigError, config_to_dict, dump_config, parse_args
-from lingua.checkpoint import (
-    CheckpointError,
-    fault_point,
-    get_rng_state,
-    load_model_optim,
-    pin,
-    set_rng_state,
-    step_dir_name,
-    unpin,
-    validate_checkpoint,
-    write_json_atomic,
-)
+from lingua import faults
+from lingua.args import Choice, ConfigError, config_to_dict, parse_args
+from lingua.checkpoint import CheckpointError, pin, rng_state, set_rng_state, step_dir_name, unpin
 from lingua.data import DataError, find_validation_files, read_jsonl_documents
 from lingua.distributed import (
     DistributedArgs,
+    all_agree,
+    broadcast_object,
+    gather_objects,
     get_launch_env,
-    parallelize_model,
-    run_then_destroy,
+    run_main,
     setup_torch_distributed,
 )
+from lingua.files import write_json, write_jsonl
 from lingua.generation import GenerationArgs, generate
 from lingua.logger import init_logger
-from lingua.metrics import WandbArgs, init_wandb
+from lingua.metrics import WandbArgs, append_eval_record, init_wandb
+from lingua.pretrained import ModelSource, find_model, load_model
 from lingua.tokenizer import TokenizerArgs, build_tokenizer
-from lingua.transformer import rope_tables
 
 logger = logging.getLogger("eval")
 
@@ -69,7 +59,11 @@ METRICS_FILE = "metrics.eval.jsonl"
 RESULTS_FILE = "results.json"
 PARTS_DIR = "parts"
 SAMPLES_FILE = "samples.jsonl"
-CONSOLIDATED_FILE = "consolidated.pth"
+
+
+class Launcher(Choice):
+    sbatch = "sbatch"
+    bash = "bash"
 
 
 class EvalError(RuntimeError):
@@ -114,7 +108,7 @@ class EvalSlurmArgs:
     account: str = ""  # --account
     qos: str = ""  # --qos
     constraint: str = ""  # --constraint
-    launcher: str = "sbatch"  # sbatch (submit and return) | bash (run here, blocking: for debugging)
+    launcher: Launcher = Launcher.sbatch  # sbatch (submit and return) | bash (run here, blocking: for debugging)
     code_dir: str = ""  # run from this code snapshot; empty = the training job's snapshot, else the working tree
 
 
@@ -144,8 +138,6 @@ class EvalArgs:
                     raise ConfigError(f"validation.{key} must be >= 1 (or unset), got {value}")
         if self.harness is not None and self.harness.batch_size < 1:
             raise ConfigError(f"harness.batch_size must be >= 1, got {self.harness.batch_size}")
-        if self.slurm.launcher not in ("sbatch", "bash"):
-            raise ConfigError(f"slurm.launcher must be sbatch or bash, got '{self.slurm.launcher}'")
 
 
 CONFIG_CLASS = EvalArgs
@@ -158,9 +150,7 @@ CONFIG_CLASS = EvalArgs
 class EvalPlan:
     """Everything checked before any process group exists."""
 
-    ckpt_dir: str
-    kind: str  # dcp | consolidated | live (inline from training: the model is already in memory)
-    weights: Optional[str]  # consolidated file
+    source: Optional[ModelSource]  # the checkpoint; None inline from training (the model is already in memory)
     params: dict  # the training config (params.json)
     step: int
     run_dir: Optional[str]
@@ -168,55 +158,6 @@ class EvalPlan:
     val_spec: dict  # what decides the validation numbers (a recorded part is reused only under the same spec)
     tasks: List[str]
     tokenizer_args: TokenizerArgs
-
-
-def _read_params(path: str) -> dict:
-    try:
-        with open(path) as f:
-            params = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: cannot tell which model the checkpoint holds") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable ({e})") from None
-    if not isinstance(params, dict) or not isinstance(params.get("model"), dict):
-        raise CheckpointError(f"{path} has no 'model' section")
-    return params
-
-
-def locate_checkpoint(ckpt_dir: str):
-    """(kind, weights file, params, step or None) of a DCP checkpoint or a consolidated one."""
-    if not ckpt_dir:
-        raise ConfigError("ckpt_dir is not set (a committed checkpoint folder such as <run>/checkpoints/0000001000)")
-    path = os.path.abspath(ckpt_dir)
-    if os.path.isfile(path):
-        folder = os.path.dirname(path)
-        return "consolidated", path, _read_params(os.path.join(folder, "params.json")), _step_from_path(folder)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {ckpt_dir} does not exist")
-    if os.path.exists(os.path.join(path, CONSOLIDATED_FILE)) and not os.path.exists(os.path.join(path, ".metadata")):
-        return ("consolidated", os.path.join(path, CONSOLIDATED_FILE), _read_params(os.path.join(path, "params.json")),
-                _step_from_path(path))
-    record = validate_checkpoint(path)  # CheckpointError: no commit record, missing / truncated file
-    return "dcp", None, _read_params(os.path.join(path, "params.json")), int(record["step"])
-
-
-def _step_from_path(folder: str) -> Optional[int]:
-    for name in (os.path.basename(folder), os.path.basename(os.path.dirname(folder))):
-        if re.fullmatch(r"\d{10}", name):
-            return int(name)
-    return None
-
-
-def infer_run_dir(ckpt_dir: str, params: dict) -> Optional[str]:
-    """The training run's dump dir: <run>/checkpoints/<step> -> <run>, else params' dump_dir if it exists."""
-    path = os.path.abspath(ckpt_dir if os.path.isdir(ckpt_dir) else os.path.dirname(ckpt_dir))
-    for _ in range(3):  # <run>/checkpoints/<step>[/consolidated]
-        parent = os.path.dirname(path)
-        if os.path.basename(parent) == "checkpoints" and re.fullmatch(r"\d{10}", os.path.basename(path)):
-            return os.path.dirname(parent)
-        path = parent
-    run = params.get("dump_dir")
-    return run if run and os.path.isdir(run) else None
 
 
 def _val_root(args: EvalArgs, params: dict) -> Optional[str]:
@@ -319,61 +260,23 @@ def prepare_eval(args: EvalArgs, params: Optional[dict] = None, step: Optional[i
     if not args.dump_dir:
         raise ConfigError("dump_dir is not set (where the eval writes its results, e.g. <run>/evals/0000001000)")
     args.validate()  # (inline evals: TrainArgs.validate does not look into the eval section)
+    source = None
     if params is None:
-        kind, weights, params, ckpt_step = locate_checkpoint(args.ckpt_dir)
-    else:
-        kind, weights, ckpt_step = "live", None, step
-    step = args.global_step if args.global_step is not None else ckpt_step
+        source = find_model(args.ckpt_dir)
+        params, step = source.params, source.step
+    step = args.global_step if args.global_step is not None else step
     if step is None:
         raise ConfigError(f"cannot tell the step of {args.ckpt_dir}: set global_step=<step>")
-    run_dir = args.run_dir or infer_run_dir(args.ckpt_dir, params)
+    run_dir = args.run_dir or (source.run_dir if source else None)
     tok = TokenizerArgs(**((params.get("data") or {}).get("tokenizer") or {}))
     spec = _val_spec(args, params, tok)
     max_seqlen = int(params["model"].get("max_seqlen", 0))
     if args.validation is not None and spec["seq_len"] > max_seqlen:
         raise ConfigError(f"validation.seq_len ({spec['seq_len']}) exceeds the model's max_seqlen ({max_seqlen})")
     return EvalPlan(
-        ckpt_dir=os.path.abspath(args.ckpt_dir) if args.ckpt_dir else "",
-        kind=kind, weights=weights, params=params, step=int(step), run_dir=run_dir,
+        source=source, params=params, step=int(step), run_dir=run_dir,
         val_sources=resolve_validation(args, params), val_spec=spec, tasks=resolve_tasks(args), tokenizer_args=tok,
     )
-
-
-# -------------------------------------------------------------------------------------------------- the model
-
-
-def model_args_from_params(params: dict) -> LMTransformerArgs:
-    known = {f.name for f in dataclasses.fields(LMTransformerArgs)}
-    values = {k: v for k, v in params["model"].items() if k in known}
-    unknown = sorted(set(params["model"]) - known)
-    if unknown:
-        logger.warning(f"params.json model options unknown to this code, ignored: {', '.join(unknown)}")
-    margs = LMTransformerArgs(**values)
-    if margs.vocab_size <= 0:
-        raise CheckpointError("params.json has no resolved model.vocab_size")
-    return margs
-
-
-def load_eval_model(plan: EvalPlan, dist_state, dist_args: DistributedArgs) -> LMTransformer:
-    """Build the FSDP model from params.json and load the checkpoint's weights (any number of processes)."""
-    margs = model_args_from_params(plan.params)
-    with torch.device("meta"):
-        model = LMTransformer(margs)
-    model = parallelize_model(model, dist_state.mesh, dist_args)
-    model.to_empty(device=dist_state.device)
-    _, head_dim, _ = margs.heads
-    model.rope = rope_tables(head_dim, margs.max_seqlen, margs.rope_theta, device=dist_state.device)
-    if plan.kind == "dcp":
-        load_model_optim(plan.ckpt_dir, model)
-    else:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        state = torch.load(plan.weights, map_location="cpu", weights_only=True)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-    model.eval()
-    logger.info(f"loaded {plan.kind} checkpoint {plan.weights or plan.ckpt_dir} (step {plan.step})")
-    return model
 
 
 # --------------------------------------------------------------------------------------------- result parts
@@ -416,7 +319,7 @@ class PartStore:
         os.makedirs(self.dir, exist_ok=True)
         part = {"kind": kind, "name": name, "spec": spec, "result": result, "computed_at": time.time(),
                 "pid": os.getpid()}
-        write_json_atomic(self.path(kind, name), part)
+        write_json(self.path(kind, name), part)
         return part
 
 
@@ -452,12 +355,6 @@ def validation_stream(files: List[str], tokenizer, add_bos: bool, add_eos: bool,
     return stream[: n + 1], n, n_bytes
 
 
-def _gather_objects(obj, group) -> list:
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
-
-
 @torch.no_grad()
 def eval_stream(model, stream: np.ndarray, n: int, seq_len: int, batch_size: int, dist_state) -> dict:
     """Summed cross-entropy over the n targets of `stream`. Batch k (rows k*B.. of seq_len targets each; the
@@ -486,7 +383,7 @@ def eval_stream(model, stream: np.ndarray, n: int, seq_len: int, batch_size: int
         logits = model(x.to(device))
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100, reduction="none")
         local.append((k, ce.double().sum().item(), int((y != -100).sum())))
-    parts = sorted(p for chunk in _gather_objects(local, dist_state.cpu_group) for p in chunk)
+    parts = sorted(p for chunk in gather_objects(local, dist_state.cpu_group) for p in chunk)
     loss_sum = 0.0
     tokens = 0
     for _, s, c in parts:
@@ -517,18 +414,6 @@ def run_validation_source(model, tokenizer, files: List[str], spec: dict, dist_s
 # --------------------------------------------------------------------------------------------------- the run
 
 
-def _broadcast(obj, group):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=group)
-    return box[0]
-
-
-def _agree_ok(ok: bool, group) -> bool:
-    t = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return bool(t.item())
-
-
 def run_eval(args: EvalArgs, plan: EvalPlan, model, tokenizer, dist_state, wandb_run=None) -> dict:
     """Every part not yet recorded, then results.json and the metrics line. Called by every rank together."""
     group = dist_state.cpu_group
@@ -542,7 +427,7 @@ def run_eval(args: EvalArgs, plan: EvalPlan, model, tokenizer, dist_state, wandb
     model.eval()
     try:
         for source, files in plan.val_sources.items():
-            done = _broadcast(store.get("val", source, {**spec, **step_spec}) is not None if is_master else None, group)
+            done = broadcast_object(store.get("val", source, {**spec, **step_spec}) is not None if is_master else None, group)
             if done:
                 logger.info(f"validation '{source}': already recorded, skipped")
                 continue
@@ -554,10 +439,10 @@ def run_eval(args: EvalArgs, plan: EvalPlan, model, tokenizer, dist_state, wandb
             logger.info(f"validation '{source}': loss {result['loss']:.4f} ppl {result['perplexity']:.3f} "
                         f"bpb {result['bits_per_byte']:.4f} ({result['tokens']} tokens, {result['seconds']:.1f}s)")
             dist.barrier(group=group)
-            fault_point(f"eval_after_val_{source}")  # test-only: LINGUA_FAULT=eval_after_val_<source>
+            faults.point("eval.after_part")
         for task in plan.tasks:
             task_spec = {"task": task, "harness": dataclasses.asdict(args.harness), **step_spec}
-            done = _broadcast(store.get("task", task, task_spec) is not None if is_master else None, group)
+            done = broadcast_object(store.get("task", task, task_spec) is not None if is_master else None, group)
             if done:
                 logger.info(f"harness task '{task}': already recorded, skipped")
                 continue
@@ -565,15 +450,15 @@ def run_eval(args: EvalArgs, plan: EvalPlan, model, tokenizer, dist_state, wandb
             if is_master:
                 store.put("task", task, task_spec, result)
             dist.barrier(group=group)
-            fault_point(f"eval_after_task_{task}")
+            faults.point("eval.after_part")
         if args.samples:
             gen_spec = {"prompts": list(args.samples), "generator": dataclasses.asdict(args.generator), **step_spec}
-            done = _broadcast(store.get("samples", "samples", gen_spec) is not None if is_master else None, group)
+            done = broadcast_object(store.get("samples", "samples", gen_spec) is not None if is_master else None, group)
             if not done:
                 texts = generate(model, tokenizer, list(args.samples), args.generator)
                 if is_master:
-                    _write_jsonl_atomic(os.path.join(args.dump_dir, SAMPLES_FILE),
-                                        [{"prompt": p, "generation": t} for p, t in zip(args.samples, texts)])
+                    write_jsonl(os.path.join(args.dump_dir, SAMPLES_FILE),
+                                [{"prompt": p, "generation": t} for p, t in zip(args.samples, texts)])
                     store.put("samples", "samples", gen_spec, {"file": SAMPLES_FILE, "count": len(texts)})
                 dist.barrier(group=group)
     finally:
@@ -581,7 +466,7 @@ def run_eval(args: EvalArgs, plan: EvalPlan, model, tokenizer, dist_state, wandb
     results = None
     if is_master:
         results = finalize(args, plan, store, wandb_run)
-    return _broadcast(results, group)
+    return broadcast_object(results, group)
 
 
 def run_harness_task(model, tokenizer, task: str, args: EvalArgs, plan: EvalPlan) -> dict:
@@ -615,16 +500,6 @@ def run_harness_task(model, tokenizer, task: str, args: EvalArgs, plan: EvalPlan
     return {"metrics": metrics, "table": table, "seconds": time.time() - t0}
 
 
-def _write_jsonl_atomic(path: str, records: list) -> None:
-    tmp = f"{path}.part"
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def collect_results(args: EvalArgs, plan: EvalPlan, store: PartStore) -> dict:
     step_spec = {"step": plan.step}
     validation, tasks = {}, {}
@@ -640,7 +515,7 @@ def collect_results(args: EvalArgs, plan: EvalPlan, store: PartStore) -> dict:
         tasks[task] = {**part["result"], "computed_at": part["computed_at"]}
     return {
         "global_step": plan.step,
-        "ckpt_dir": plan.ckpt_dir,
+        "ckpt_dir": plan.source.path if plan.source else None,
         "eval_dir": os.path.abspath(args.dump_dir),
         "validation": validation,
         "tasks": tasks,
@@ -659,50 +534,16 @@ def flat_metrics(results: dict) -> dict:
     return out
 
 
-def append_metrics_line(path: str, record: dict) -> bool:
-    """Add `record` to a jsonl file unless a line with the same (global_step, eval_dir) is there (then it is
-    replaced if different). Under a file lock; torn lines are dropped. Returns True if the file changed."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        lines = []
-        if os.path.exists(path):
-            with open(path) as f:
-                for raw in f:
-                    try:
-                        lines.append(json.loads(raw))
-                    except ValueError:
-                        continue  # a line torn by a kill
-        key = (record["global_step"], record.get("eval_dir"))
-        same = [i for i, r in enumerate(lines) if (r.get("global_step"), r.get("eval_dir")) == key]
-        strip = lambda r: {k: v for k, v in r.items() if k != "created_at"}  # noqa: E731
-        if same and strip(lines[same[0]]) == strip(record) and len(same) == 1:
-            return False
-        if same:
-            lines = [r for i, r in enumerate(lines) if i not in same[1:]]
-            lines[same[0]] = record
-        else:
-            lines.append(record)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            for r in lines:
-                f.write(json.dumps(r) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return True
-
-
 def finalize(args: EvalArgs, plan: EvalPlan, store: PartStore, wandb_run=None) -> dict:
     """Rank 0: results.json, the metrics.eval.jsonl line, wandb."""
     results = collect_results(args, plan, store)
     results["metrics"] = flat_metrics(results)
     results["finished_at"] = time.time()
-    write_json_atomic(os.path.join(args.dump_dir, RESULTS_FILE), results)
+    write_json(os.path.join(args.dump_dir, RESULTS_FILE), results)
     if plan.run_dir:
         record = {"global_step": plan.step, "created_at": time.time(), "eval_dir": results["eval_dir"],
                   **results["metrics"]}
-        changed = append_metrics_line(os.path.join(plan.run_dir, METRICS_FILE), record)
+        changed = append_eval_record(os.path.join(plan.run_dir, METRICS_FILE), record)
         logger.info(f"results of step {plan.step} {'written to' if changed else 'already in'} "
                     f"{os.path.join(plan.run_dir, METRICS_FILE)}")
         if changed:
@@ -729,26 +570,21 @@ def _log_wandb(args: EvalArgs, plan: EvalPlan, metrics: dict, wandb_run) -> None
 # ------------------------------------------------------------------------------------------- from training
 
 
-def maybe_run_eval(train_args, step: int, kinds, saved: bool, ckpt, model, dist_state, metric_logger=None,
-                   preempted: bool = False) -> None:
-    """The trainer's eval hook (every rank calls it after a save). Never raises: a failing eval is logged
-    and training continues with its state untouched (model mode, RNG states, no gradients)."""
-    if "eval" not in kinds or getattr(train_args, "eval", None) is None:
-        return
+def maybe_run_eval(train_args, step: int, ckpt, model, dist_state, metric_logger=None, preempted: bool = False) -> None:
+    """The trainer's eval hook (every rank calls it after an eval-kind save). Never raises: a failing eval is
+    logged and training continues with its state untouched (model mode, RNG states, no gradients)."""
     try:
         if preempted and train_args.async_eval_gpus is None:
             logger.warning(f"inline eval of step {step} skipped: the run is being preempted "
                            f"(run it later with python -m apps.main.eval)")
             return
-        if ckpt.in_flight is not None:  # async save: only a committed checkpoint is evaluated
-            ckpt.wait()
-        if not (saved and ckpt.last_saved_step == step):
+        ckpt_dir = ckpt.committed(step)  # only a committed checkpoint is evaluated
+        if ckpt_dir is None:
             logger.warning(f"eval of step {step} skipped: its checkpoint was not committed")
             return
-        ckpt_dir = os.path.join(ckpt.root, step_dir_name(step))
-        eval_dir = os.path.join(train_args.dump_dir, "evals", step_dir_name(step))
         eval_args = copy.deepcopy(train_args.eval)
-        eval_args.ckpt_dir, eval_args.dump_dir, eval_args.global_step = ckpt_dir, eval_dir, step
+        eval_args.ckpt_dir, eval_args.global_step = ckpt_dir, step
+        eval_args.dump_dir = os.path.join(train_args.dump_dir, "evals", step_dir_name(step))
         eval_args.run_dir = os.path.abspath(train_args.dump_dir)
         if train_args.async_eval_gpus is None:
             run_inline_eval(train_args, eval_args, step, model, dist_state, metric_logger)
@@ -760,8 +596,7 @@ def maybe_run_eval(train_args, step: int, kinds, saved: bool, ckpt, model, dist_
 
 def run_inline_eval(train_args, eval_args: EvalArgs, step: int, model, dist_state, metric_logger=None) -> None:
     """All training ranks evaluate the live model (no reload), then restore every RNG and the model mode."""
-    group = dist_state.cpu_group
-    rng = get_rng_state()
+    rng = rng_state()
     was_training = model.training
     t0 = time.time()
     try:
@@ -770,7 +605,7 @@ def run_inline_eval(train_args, eval_args: EvalArgs, step: int, model, dist_stat
             plan = prepare_eval(eval_args, params=config_to_dict(train_args), step=step)
         except (ConfigError, CheckpointError, EvalError, DataError, OSError) as e:
             error, plan = f"{type(e).__name__}: {e}", None
-        if not _agree_ok(error is None, group):
+        if not all_agree(error is None, dist_state.cpu_group):
             raise EvalError(error or "the eval config failed its checks on another rank")
         tokenizer = build_tokenizer(plan.tokenizer_args)
         wandb_run = getattr(metric_logger, "wandb", None)
@@ -782,79 +617,30 @@ def run_inline_eval(train_args, eval_args: EvalArgs, step: int, model, dist_stat
         set_rng_state(rng)
 
 
-# torchrun's variables of the training process must not leak into the eval job (it would wait for the
-# trainer's world size); SLURM's own are removed by stool.
-_LAUNCH_ENV_DROP = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                    "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LINGUA_FAULT")
-_LAUNCH_ENV_DROP_PREFIXES = ("TORCHELASTIC_", "TORCH_ELASTIC_", "SLURM_", "SBATCH_", "SRUN_", "SALLOC_")
-
-
-def _launch_env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in _LAUNCH_ENV_DROP and (k == "SLURM_CONF" or not k.startswith(_LAUNCH_ENV_DROP_PREFIXES))}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the code this process runs
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    return env
-
-
-def stool_command(train_args, eval_args: EvalArgs, request: str) -> list:
-    """`python -m lingua.stool ...` submitting apps.main.eval with `request` as its config (no code copy)."""
-    from lingua.stool import current_snapshot
-
-    s = eval_args.slurm
-    ngpu = int(train_args.async_eval_gpus)
-    options = {
-        "script": "apps.main.eval", "config": request, "launcher": s.launcher, "dirs_exists_ok": "true",
-        "copy_code": "false", "code_dir": s.code_dir or current_snapshot() or "", "nodes": s.nodes, "ngpu": ngpu,
-        "ntasks_per_node": s.ntasks_per_node if s.ntasks_per_node is not None else (ngpu if ngpu > 0 else 1),
-        "ncpu": s.ncpu, "mem": s.mem, "time": s.time,
-        "partition": s.partition or os.environ.get("SLURM_JOB_PARTITION", ""), "account": s.account, "qos": s.qos,
-        "constraint": s.constraint, "job_name": f"{train_args.name}_eval_{eval_args.global_step}",
-    }
-    safe = ["-P"] if sys.version_info >= (3, 11) else []  # the cwd must not shadow the code of this process
-    return [sys.executable, *safe, "-m", "lingua.stool"] + [f"{k}={v}" for k, v in options.items() if str(v) != ""]
-
-
 def launch_async_eval(train_args, eval_args: EvalArgs):
-    """Rank 0: pin the checkpoint, write the eval's config, and submit it with lingua.stool from a background
-    thread (training does not wait; the thread is joined at interpreter exit). Returns the thread, or None."""
-    import subprocess
-    import threading
+    """Rank 0: pin the checkpoint and submit the eval as its own SLURM job (lingua.stool.submit_in_background;
+    training does not wait). Returns the submitting thread, or None when the eval has results already."""
+    from lingua.stool import submit_in_background
 
-    eval_dir = eval_args.dump_dir
+    eval_dir, step = eval_args.dump_dir, eval_args.global_step
     if os.path.exists(os.path.join(eval_dir, RESULTS_FILE)):
-        logger.info(f"eval of step {eval_args.global_step} already has results in {eval_dir}; not relaunched")
+        logger.info(f"eval of step {step} already has results in {eval_dir}; not relaunched")
         return None
     if eval_args.wandb is None and train_args.logging.wandb is not None:
         eval_args.wandb = copy.deepcopy(train_args.logging.wandb)
     eval_args.name = f"{train_args.name}_eval"
-    os.makedirs(eval_dir, exist_ok=True)
-    request = os.path.join(eval_dir, "eval_request.yaml")
-    dump_config(eval_args, request)
-    cmd = stool_command(train_args, eval_args, request)
+    s, ngpu = eval_args.slurm, int(train_args.async_eval_gpus)
+    options = {
+        "launcher": s.launcher, "code_dir": s.code_dir, "nodes": s.nodes, "ngpu": ngpu,
+        "ntasks_per_node": s.ntasks_per_node if s.ntasks_per_node is not None else (ngpu if ngpu > 0 else 1),
+        "ncpu": s.ncpu, "mem": s.mem, "time": s.time, "partition": s.partition, "account": s.account,
+        "qos": s.qos, "constraint": s.constraint, "job_name": f"{train_args.name}_eval_{step}",
+    }
     tag = eval_pin_tag(eval_dir)
     pin(eval_args.ckpt_dir, tag)  # retention keeps the checkpoint until the eval job unpins it
-    step = eval_args.global_step
-
-    def submit():
-        try:
-            res = subprocess.run(cmd, env=_launch_env(), capture_output=True, text=True, timeout=600)
-            m = re.search(r"submitted job (\S+)", res.stdout)
-            if res.returncode != 0:
-                raise EvalError(f"stool exited with {res.returncode}: {(res.stderr or res.stdout).strip()[-2000:]}")
-            job = m.group(1) if m else None
-            write_json_atomic(os.path.join(eval_dir, "launched.json"),
-                              {"job_id": job, "step": step, "ckpt_dir": eval_args.ckpt_dir, "pin": tag,
-                               "launched_at": time.time(), "command": cmd})
-            logger.info(f"eval of step {step} submitted as job {job} "
-                        f"(resubmit with: sbatch {os.path.join(eval_dir, 'submit.slurm')})")
-        except Exception as e:  # noqa: BLE001 (never reaches training)
-            unpin(eval_args.ckpt_dir, tag)
-            logger.error(f"launching the eval of step {step} FAILED, training continues: {type(e).__name__}: {e}")
-
-    thread = threading.Thread(target=submit, name=f"eval-launch-{step}", daemon=False)
-    thread.start()
-    return thread
+    return submit_in_background("apps.main.eval", eval_args, eval_dir, options, what=f"eval of step {step}",
+                                record={"step": step, "ckpt_dir": eval_args.ckpt_dir, "pin": tag},
+                                on_failure=lambda: unpin(eval_args.ckpt_dir, tag))
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -870,35 +656,35 @@ def _try_pin(ckpt_dir: str, tag: str) -> bool:
         return False
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_args(EvalArgs, argv)
-        if not args.dump_dir:
-            raise ConfigError("dump_dir is not set (where the eval writes results, e.g. <run>/evals/0000001000)")
-        if not args.ckpt_dir:
-            raise ConfigError("ckpt_dir is not set (a committed checkpoint such as <run>/checkpoints/0000001000)")
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    env = get_launch_env()
-    os.makedirs(args.dump_dir, exist_ok=True)
-    init_logger(env.rank, os.path.join(args.dump_dir, "eval.log"))
-    def body() -> int:
-        plan = prepare_eval(args)
-        dist_state = setup_torch_distributed(args.distributed)
-        torch.manual_seed(0)
-        tokenizer = build_tokenizer(plan.tokenizer_args)
-        model = load_eval_model(plan, dist_state, args.distributed)
-        tag = eval_pin_tag(args.dump_dir)
-        pinned = dist_state.is_master and plan.kind == "dcp" and _try_pin(plan.ckpt_dir, tag)
-        results = run_eval(args, plan, model, tokenizer, dist_state)
-        if pinned:
-            unpin(plan.ckpt_dir, tag)
-        if dist_state.is_master:
-            print(json.dumps(results["metrics"], indent=1))
-        return 0
+def parse_eval_config(argv=None) -> EvalArgs:
+    args = parse_args(EvalArgs, argv)
+    if not args.dump_dir:
+        raise ConfigError("dump_dir is not set (where the eval writes results, e.g. <run>/evals/0000001000)")
+    if not args.ckpt_dir:
+        raise ConfigError("ckpt_dir is not set (a committed checkpoint such as <run>/checkpoints/0000001000)")
+    return args
 
-    return run_then_destroy(body, (ConfigError, CheckpointError, EvalError, DataError))
+
+def evaluate(args: EvalArgs) -> int:
+    os.makedirs(args.dump_dir, exist_ok=True)
+    init_logger(get_launch_env().rank, os.path.join(args.dump_dir, "eval.log"))
+    plan = prepare_eval(args)
+    dist_state = setup_torch_distributed(args.distributed)
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(plan.tokenizer_args)
+    model = load_model(plan.source, dist_state, args.distributed)
+    tag = eval_pin_tag(args.dump_dir)
+    pinned = dist_state.is_master and plan.source.kind == "dcp" and _try_pin(plan.source.path, tag)
+    results = run_eval(args, plan, model, tokenizer, dist_state)
+    if pinned:
+        unpin(plan.source.path, tag)
+    if dist_state.is_master:
+        print(json.dumps(results["metrics"], indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(lambda: parse_eval_config(argv), evaluate, (CheckpointError, EvalError, DataError))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ from typing import List, Optional
 
 import torch
 
-from apps.main.eval import EvalError, EvalPlan, load_eval_model, locate_checkpoint
 from lingua.args import ConfigError, parse_args
 from lingua.checkpoint import CheckpointError
-from lingua.distributed import DistributedArgs, get_launch_env, run_then_destroy, setup_torch_distributed
+from lingua.distributed import DistributedArgs, get_launch_env, run_main, setup_torch_distributed
+from lingua.files import write_jsonl
 from lingua.generation import GenerationArgs, generate
 from lingua.logger import init_logger
-from lingua.tokenizer import TokenizerArgs, build_tokenizer
+from lingua.pretrained import find_model, load_model
+from lingua.tokenizer import build_tokenizer
 
 
 @dataclass
@@ -70,54 +71,42 @@ def read_prompts(args: GenerateArgs) -> List[str]:
     return prompts
 
 
-def main(argv=None) -> int:
+def parse_generate_config(argv=None) -> GenerateArgs:
     argv = list(sys.argv[1:] if argv is None else argv)
     # A prompt is taken verbatim (not parsed as YAML: "ROMEO:" or "[1, 2]" stay text).
     raw_prompts = [a.split("=", 1)[1] for a in argv if a.startswith("prompt=")]
-    argv = [a for a in argv if not a.startswith("prompt=")]
-    try:
-        args = parse_args(GenerateArgs, argv)
-        if raw_prompts:
-            args.prompt = raw_prompts[-1]
-        if not args.ckpt:
-            raise ConfigError("ckpt is not set (a checkpoint folder such as <run>/checkpoints/0000001000)")
-        prompts = read_prompts(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    env = get_launch_env()
-    init_logger(env.rank, None, os.environ.get("LINGUA_LOG_LEVEL", "WARNING"))
-    try:
-        kind, weights, params, step = locate_checkpoint(args.ckpt)
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    plan = EvalPlan(ckpt_dir=os.path.abspath(args.ckpt), kind=kind, weights=weights, params=params, step=step or 0,
-                    run_dir=None, val_sources={}, val_spec={}, tasks=[],
-                    tokenizer_args=TokenizerArgs(**((params.get("data") or {}).get("tokenizer") or {})))
+    args = parse_args(GenerateArgs, [a for a in argv if not a.startswith("prompt=")])
+    if raw_prompts:
+        args.prompt = raw_prompts[-1]
+    if not args.ckpt:
+        raise ConfigError("ckpt is not set (a checkpoint folder such as <run>/checkpoints/0000001000)")
+    read_prompts(args)  # fail early on a bad prompts file
+    return args
+
+
+def run_generate(args: GenerateArgs) -> int:
+    prompts = read_prompts(args)
+    init_logger(get_launch_env().rank, None, os.environ.get("LINGUA_LOG_LEVEL", "WARNING"))
+    source = find_model(args.ckpt)  # before any process group: a bad path is one line
     dist_state = setup_torch_distributed(args.distributed)
+    tokenizer = build_tokenizer(source.tokenizer_args)
+    model = load_model(source, dist_state, args.distributed)
+    t0 = time.time()
+    with torch.no_grad():
+        texts = generate(model, tokenizer, prompts, args.generator, add_bos=args.add_bos)
+    if dist_state.is_master:
+        for i, (p, t) in enumerate(zip(prompts, texts)):
+            if len(prompts) > 1:
+                print(f"=== {i} ===")
+            print(p + t, flush=True)
+        if args.output:
+            write_jsonl(args.output, [{"prompt": p, "generation": t} for p, t in zip(prompts, texts)])
+        print(f"[{len(prompts)} prompt(s), {time.time() - t0:.1f}s]", file=sys.stderr)
+    return 0
 
-    def body() -> int:
-        tokenizer = build_tokenizer(plan.tokenizer_args)
-        model = load_eval_model(plan, dist_state, args.distributed)
-        t0 = time.time()
-        with torch.no_grad():
-            texts = generate(model, tokenizer, prompts, args.generator, add_bos=args.add_bos)
-        if dist_state.is_master:
-            for i, (p, t) in enumerate(zip(prompts, texts)):
-                if len(prompts) > 1:
-                    print(f"=== {i} ===")
-                print(p + t, flush=True)
-            if args.output:
-                tmp = args.output + ".part"
-                with open(tmp, "w") as f:
-                    for p, t in zip(prompts, texts):
-                        f.write(json.dumps({"prompt": p, "generation": t}) + "\n")
-                os.replace(tmp, args.output)
-            print(f"[{len(prompts)} prompt(s), {time.time() - t0:.1f}s]", file=sys.stderr)
-        return 0
 
-    return run_then_destroy(body, (ConfigError, CheckpointError, EvalError, ValueError))
+def main(argv=None) -> int:
+    return run_main(lambda: parse_generate_config(argv), run_generate, (CheckpointError, ValueError))
 
 
 if __name__ == "__main__":

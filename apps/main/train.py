@@ -3,10 +3,12 @@
     python -m apps.main.train config=configs/debug.yaml [key.sub=value ...]
     torchrun --nproc-per-node 2 -m apps.main.train config=configs/debug.yaml
     srun python -m apps.main.train config=...          (ranks from SLURM variables)
+
+`train()` is the recipe: set up (Trainer.__init__), then one call per concern for every step: the batch and
+forward/backward, the optimizer step, the metrics, the checkpoint (and preemption), the eval.
 """
 
 import gc
-import json
 import logging
 import math
 import os
@@ -17,36 +19,38 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from apps.main.eval import EvalArgs, maybe_run_eval
-from apps.main.transformer import LMTransformer, LMTransformerArgs, flops_per_token, num_params
+from lingua import faults
 from lingua.args import MISSING, ConfigError, config_to_dict, dump_config, parse_args
-from lingua.checkpoint import (
-    CheckpointArgs,
-    CheckpointError,
-    CheckpointManager,
-    fault_point,
-    get_rng_state,
-    load_model_optim,
-    set_rng_state,
+from lingua.checkpoint import CheckpointArgs, CheckpointError, CheckpointManager, TrainState, config_diff, read_params
+from lingua.data import (
+    DataArgs,
+    DataError,
+    DataTrace,
+    build_dataloader,
+    check_data_args,
+    data_metrics,
+    init_dataloader_state,
 )
-from lingua.data import DataArgs, DataError, build_dataloader, check_data_args, data_metrics, init_dataloader_state
 from lingua.distributed import (
     DistributedArgs,
     any_rank,
     check_mesh_shape,
+    describe_launch,
     get_launch_env,
-    parallelize_model,
-    run_then_destroy,
+    run_main,
     setup_torch_distributed,
 )
-from lingua.logger import init_logger
+from lingua.lock import LockError, hold_dump_dir
+from lingua.logger import add_log_file, init_logger
 from lingua.metrics import LoggingArgs, MetricLogger, gpu_peak_flops
-from lingua.optim import OptimArgs, build_optimizer
+from lingua.optim import OptimArgs, apply_hyperparameters, build_optimizer
 from lingua.preemption import PreemptionHandler
+from lingua.pretrained import check_init_source, find_model, load_weights
 from lingua.profiling import ProfilerArgs, maybe_profile
 from lingua.tokenizer import build_tokenizer
+from lingua.transformer import LMTransformerArgs, build_model, flops_per_token, num_params
 
 logger = logging.getLogger("train")
 
@@ -97,215 +101,48 @@ def load_train_config(argv=None) -> TrainArgs:
     """Parse and validate everything that can be checked before distributed start-up."""
     args = parse_args(TrainArgs, argv)
     check_data_args(args.data)
-    check_mesh_shape(args.distributed, get_launch_env().world_size)
+    replicate, shard, _ = check_mesh_shape(args.distributed, get_launch_env().world_size)
+    derive_grad_acc_steps(args, replicate * shard)
+    if args.checkpoint.init_ckpt_path:
+        check_init_source(args.checkpoint.init_ckpt_path, args.model)
     return args
 
 
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps taken
-    acc_step: int = 0  # micro-batches into the current accumulation cycle (always 0 at a save)
-    data_state: Optional[dict] = None  # data-loader state after the last consumed batch
+# What a changed option does on resume. The model's shapes and the tokenizer's ids cannot change under a
+# checkpoint; optimizer hyperparameters take effect from the resume step; data options follow the data-state rules
+# (lingua.data refuses what would change the stream, naming checkpoint.reset_data_state); the rest is noted.
+FIXED_ON_RESUME = ("model.", "data.tokenizer.")
+FREE_MODEL_KEYS = ("model.seed", "model.init_base_std", "model.init_std_factor", "model.attn_impl", "model.max_seqlen")
 
 
-def build_model(args: TrainArgs, dist_state, init: bool = True) -> LMTransformer:
-    """The sharded model; init=False when every parameter is loaded next (resume): only buffers are built."""
-    with torch.device("meta"):
-        model = LMTransformer(args.model)
-    model = parallelize_model(model, dist_state.mesh, args.distributed)
-    model.to_empty(device=dist_state.device)
-    if init:
-        model.init_weights()
-    else:
-        model.init_buffers()
-    return model
-
-
-def restore(args: TrainArgs, ckpt_dir: str, model, optimizer, scheduler, dist_state) -> TrainState:
-    """Load model + optimizer (resharding if needed) and this rank's train state."""
-    load_model_optim(ckpt_dir, model, optimizer)
-    with open(os.path.join(ckpt_dir, "COMMIT.json")) as f:
-        saved_dp = json.load(f)["dp_world_size"]
-    # Same layout: this rank's own state. Changed layout: step and scheduler (identical on every rank) from
-    # rank 0's file; the data state is then reset below or refused.
-    own_rank = dist_state.dp_rank if saved_dp == dist_state.dp_world_size else 0
-    with open(os.path.join(ckpt_dir, f"train_state_{own_rank:05d}.json")) as f:
-        saved = json.load(f)
-    scheduler.load_state_dict(saved["scheduler"])
-    state = TrainState(step=saved["step"], acc_step=saved["acc_step"], data_state=saved["data"])
-    if saved_dp != dist_state.dp_world_size:
-        if not args.checkpoint.reset_data_state:
-            raise CheckpointError(
-                f"{ckpt_dir} was saved with {saved_dp} data-parallel ranks, this run has {dist_state.dp_world_size}: "
-                "the data-loader state cannot be mapped onto the new layout. Model and optimizer can be resumed "
-                "with checkpoint.reset_data_state=true, which restarts the data stream from its beginning."
-            )
-        logger.warning(
-            f"data-parallel layout changed ({saved_dp} -> {dist_state.dp_world_size}) and "
-            "checkpoint.reset_data_state=true: the data stream restarts from the beginning"
+def check_config_change(saved: dict, current: dict, ckpt: CheckpointManager) -> bool:
+    """Log every option that differs from the checkpoint's run; ConfigError naming the ones that cannot change.
+    Returns whether optimizer options changed (they are applied after the optimizer state is loaded)."""
+    diff = config_diff(saved, current)
+    fixed = [k for k in diff if k.startswith(FIXED_ON_RESUME) and not k.startswith(FREE_MODEL_KEYS)]
+    if fixed:
+        raise ConfigError(
+            "the checkpoint was saved with other model/tokenizer options, which cannot change on resume: "
+            + "; ".join(f"{k}: {diff[k][0]!r} -> {diff[k][1]!r}" for k in fixed)
+            + f" (restore them, or start a new run; {ckpt.root} is left as it is)"
         )
-        state.data_state = None
-    elif args.checkpoint.reset_data_state:
-        logger.warning("checkpoint.reset_data_state=true: the data stream restarts from the beginning")
-        state.data_state = None
-    else:
-        set_rng_state(saved["rng"])
-    logger.info(f"resumed from {ckpt_dir} at step {state.step}")
-    return state
+    for key, (old, new) in diff.items():
+        note = " (takes effect from the resume step)" if key.startswith("optim.") else ""
+        logger.warning(f"config changed since the checkpoint: {key}: {old!r} -> {new!r}{note}")
+    return any(k.startswith("optim.") for k in diff)
 
 
-def train(args: TrainArgs) -> int:
-    os.makedirs(args.dump_dir, exist_ok=True)
-    env = get_launch_env()
-    init_logger(env.rank, os.path.join(args.dump_dir, "train.log"))
-    preemption = PreemptionHandler().install()
-    dist_state = setup_torch_distributed(args.distributed)
-    is_master = dist_state.is_master
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-
-    tokenizer = build_tokenizer(args.data.tokenizer)
-    if args.model.vocab_size < 0:
-        args.model.vocab_size = tokenizer.n_words
-    elif args.model.vocab_size < tokenizer.n_words:
-        raise ConfigError(f"model.vocab_size ({args.model.vocab_size}) < tokenizer vocabulary ({tokenizer.n_words})")
-
-    config_dict = config_to_dict(args)
-    ckpt = CheckpointManager(args.checkpoint, args.dump_dir, dist_state, config_dict)
-    ckpt.prepare()
-    resume_dir = ckpt.resolve()
-    # Resuming loads every parameter: initialising them first would be wasted (seconds on CPU).
-    model = build_model(args, dist_state, init=not resume_dir)
-    n_params = num_params(model)
-    logger.info(f"model: {n_params / 1e6:.2f}M parameters, {args.model.n_layers} layers, dim {args.model.dim}")
-    optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
-
-    if resume_dir:
-        state = restore(args, resume_dir, model, optimizer, scheduler, dist_state)
-    else:
-        state = TrainState()
-        if args.checkpoint.init_ckpt_path:
-            logger.info(f"initialising model weights from {args.checkpoint.init_ckpt_path} (fresh optimizer)")
-            load_model_optim(args.checkpoint.init_ckpt_path, model)
-    if state.data_state is None:
-        state.data_state = init_dataloader_state(args.data, dist_state.dp_rank, dist_state.dp_world_size)
-
-    if state.step >= args.steps:
-        logger.info(f"run already complete: step {state.step} >= steps={args.steps}; nothing to do")
-        return 0
-    if is_master:
-        dump_config(args, os.path.join(args.dump_dir, "config.yaml"))
-    metric_logger = None
-    if is_master:
-        metric_logger = MetricLogger(
-            os.path.join(args.dump_dir, "metrics.jsonl"), state.step, args.logging.wandb, config_dict,
-            args.name, args.dump_dir,
-        )
-
-    gc.disable()
-    tokens_per_step = args.data.batch_size * args.data.seq_len * args.grad_acc_steps
-    flops_token = flops_per_token(args.model, n_params, args.data.seq_len)
-    peak = gpu_peak_flops(dist_state.device)
-    window_start, window_tokens = time.time(), 0
-    exit_code = 0
-    try:
-        with build_dataloader(args.data, state.data_state, dp_rank=dist_state.dp_rank,
-                              dp_world_size=dist_state.dp_world_size) as batches, \
-                maybe_profile(args.profiling, args.dump_dir, dist_state.env.rank, state.step) as profiler_step:
-            while state.step < args.steps:
-                step_start = time.time()
-                loss_sum = 0.0
-                for micro in range(args.grad_acc_steps):
-                    batch, data_state = next(batches)
-                    state.acc_step = micro + 1
-                    batch = torch.from_numpy(batch).to(dist_state.device, non_blocking=True)
-                    inputs, targets = batch[..., 0], batch[..., 1]
-                    model.set_requires_gradient_sync(micro == args.grad_acc_steps - 1)
-                    loss = model(inputs, targets) / args.grad_acc_steps
-                    loss.backward()
-                    loss_sum += loss.detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), max_norm=args.optim.clip if args.optim.clip > 0 else float("inf"), foreach=True
-                )
-                ckpt.wait_staged()  # an async save must have its copy of the state before the step changes it
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.acc_step = 0
-                state.data_state = data_state
-                window_tokens += tokens_per_step
-                profiler_step()
-
-                if state.step % args.gc_collect_freq == 0:
-                    gc.collect()
-                if state.step % args.logging.freq == 0 or state.step == args.steps:
-                    loss_t = torch.as_tensor(loss_sum, dtype=torch.float32, device=dist_state.device).reshape(1)
-                    dist.all_reduce(loss_t)  # SUM: gloo has no AVG
-                    loss_t /= dist_state.env.world_size
-                    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                    elapsed = time.time() - window_start
-                    metrics = {
-                        "global_step": state.step,
-                        "loss/out": loss_t.item(),
-                        "optim/lr": scheduler.get_last_lr()[0],
-                        "optim/grad_norm": float(grad_norm),
-                        "speed/wps": window_tokens / elapsed,
-                        "speed/step_time_s": time.time() - step_start,
-                        "data/tokens_seen": state.step * tokens_per_step * dist_state.dp_world_size,
-                        **data_metrics(state.data_state),
-                    }
-                    if peak:
-                        metrics["speed/mfu"] = flops_token * metrics["speed/wps"] / peak
-                    if dist_state.device.type == "cuda":
-                        metrics["mem/max_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                    if not math.isfinite(metrics["loss/out"]):
-                        logger.warning(f"non-finite loss at step {state.step}")
-                    logger.info(
-                        f"step {state.step}/{args.steps} loss {metrics['loss/out']:.4f} "
-                        f"grad {metrics['optim/grad_norm']:.3f} lr {metrics['optim/lr']:.2e} "
-                        f"wps {metrics['speed/wps']:.0f}" + (f" mfu {metrics['speed/mfu']:.3f}" if peak else "")
-                    )
-                    if metric_logger:
-                        metric_logger.log(metrics)
-                    window_start, window_tokens = time.time(), 0
-
-                fault_point(f"step_{state.step}")  # test-only: LINGUA_FAULT=step_<n>[:<rank>]
-                if os.environ.get("LINGUA_TEST_STEP_SLEEP"):  # test-only: slow steps so a test can signal mid-run
-                    time.sleep(float(os.environ["LINGUA_TEST_STEP_SLEEP"]))
-                ckpt.poll()
-                kinds = due_checkpoint_kinds(args, state.step)
-                # Decided together: if any rank got the signal, every rank stops at this step.
-                preempted = any_rank(preemption.requested, dist_state.cpu_group)
-                if kinds or preempted or state.step == args.steps:
-                    saved = ckpt.save(
-                        state.step, model, optimizer, train_state_dict(state, scheduler), kinds or ["dump"]
-                    )
-                    if state.step == args.steps or preempted:
-                        saved = ckpt.wait() and saved
-                    if not saved and state.step == args.steps:
-                        exit_code = 1  # the run finished but its final state is not on disk: say so
-                    # EVAL HOOK: when "eval" in kinds and the save succeeded, evaluate the committed checkpoint
-                    # (inline, or as a SLURM job when args.async_eval_gpus is set).
-                    if "eval" in kinds and args.eval is not None:  # never raises: a failing eval is logged, training goes on
-                        maybe_run_eval(args, state.step, kinds, saved, ckpt, model, dist_state, metric_logger, preempted)
-                if preempted:
-                    logger.info(f"preempted ({preemption.signal_name or 'signal on another rank'}): "
-                                f"checkpoint at step {state.step} done, exiting")
-                    if is_master:
-                        from lingua.slurm import in_slurm_job, requeue_current_job
-
-                        if in_slurm_job():
-                            requeue_current_job(args.max_requeues)
-                    break
-            ckpt.wait()
-    finally:
-        if metric_logger:
-            metric_logger.close()
-        gc.enable()
-    if state.step >= args.steps:
-        logger.info(f"training complete at step {state.step}")
-    return exit_code
+def derive_grad_acc_steps(args: TrainArgs, dp_world_size: int) -> None:
+    """With data.global_batch_size set, grad_acc_steps follows from it (the global batch, and so the data stream,
+    stays the same whatever the number of ranks); otherwise the global batch follows from grad_acc_steps."""
+    G = args.data.global_batch_size
+    if G is None:
+        return
+    per_step = args.data.batch_size * dp_world_size
+    if G % per_step:
+        raise ConfigError(f"data.global_batch_size={G} is not a multiple of data.batch_size ({args.data.batch_size}) x "
+                          f"data-parallel ranks ({dp_world_size})")
+    args.grad_acc_steps = G // per_step
 
 
 def due_checkpoint_kinds(args: TrainArgs, step: int) -> list:
@@ -317,23 +154,218 @@ def due_checkpoint_kinds(args: TrainArgs, step: int) -> list:
     return kinds
 
 
-def train_state_dict(state: TrainState, scheduler) -> dict:
-    return {
-        "step": state.step,
-        "acc_step": state.acc_step,
-        "scheduler": scheduler.state_dict(),
-        "data": state.data_state,
-        "rng": get_rng_state(),
-    }
+class Trainer:
+    """One run's objects; __init__ sets everything up and resumes, the methods are the steps of the recipe."""
+
+    def __init__(self, args: TrainArgs):
+        self.args = args
+        env = get_launch_env()
+        init_logger(env.rank)  # the console only: nothing is written into the dump dir before we hold its lock
+        self.preemption = PreemptionHandler().install(watch_parent=env.launcher == "torchrun")
+        self.dist = setup_torch_distributed(args.distributed)
+        self.lock = hold_dump_dir(args.dump_dir, self.dist)
+        try:
+            self._setup()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self) -> None:
+        args = self.args
+        add_log_file(os.path.join(args.dump_dir, "train.log"))
+        logger.info(f"run start: {describe_launch(self.dist.env)}")
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed)
+
+        tokenizer = build_tokenizer(args.data.tokenizer)
+        if args.model.vocab_size < 0:
+            args.model.vocab_size = tokenizer.n_words
+        elif args.model.vocab_size < tokenizer.n_words:
+            raise ConfigError(f"model.vocab_size ({args.model.vocab_size}) < tokenizer vocabulary ({tokenizer.n_words})")
+        self.config = config_to_dict(args)
+
+        self.ckpt = CheckpointManager(args.checkpoint, args.dump_dir, self.dist, self.config)
+        self.ckpt.prepare()
+        self.ckpt.resolve()
+        faults.point("startup.after_resolve")
+        # Parameters are initialised only if nothing is resumed: a resume loads every one of them.
+        self.model = build_model(args.model, self.dist, args.distributed)
+        self.n_params = num_params(self.model)
+        logger.info(f"model: {self.n_params / 1e6:.2f}M parameters, {args.model.n_layers} layers, dim {args.model.dim}")
+        self.optimizer, scheduler = build_optimizer(self.model, args.optim, args.steps)
+        self.state = TrainState(scheduler)
+        resume = self.ckpt.verified()
+        optim_changed = resume and check_config_change(read_params(resume), self.config, self.ckpt)
+        if self.ckpt.load(self.model, self.optimizer, self.state):
+            if optim_changed:
+                apply_hyperparameters(self.optimizer, scheduler, args.optim)
+        else:
+            self.model.init_weights()
+            if args.checkpoint.init_ckpt_path:
+                logger.info(f"initialising model weights from {args.checkpoint.init_ckpt_path} (fresh optimizer)")
+                load_weights(find_model(args.checkpoint.init_ckpt_path), self.model)
+        if self.state.data is None:
+            self.state.data = init_dataloader_state(args.data, self.dist.dp_rank, self.dist.dp_world_size,
+                                                    args.grad_acc_steps)
+        faults.point("startup.after_load")
+
+        self.metric_logger: Optional[MetricLogger] = None
+        self.trace: Optional[DataTrace] = None
+        self.final_saved = True
+        self.tokens_per_step = args.data.batch_size * args.data.seq_len * args.grad_acc_steps * self.dist.dp_world_size
+        self.flops_per_token = flops_per_token(args.model, self.n_params, args.data.seq_len)
+        self.peak_flops = gpu_peak_flops(self.dist.device)
+        self.window = (time.time(), 0)  # start and tokens of the current logging window
+
+    @property
+    def finished(self) -> bool:
+        return self.state.step >= self.args.steps
+
+    def start_logging(self) -> None:
+        if self.args.data.trace:
+            self.trace = DataTrace(self.args.dump_dir, self.dist.dp_rank, self.dist.dp_world_size, self.state.step)
+        if self.dist.is_master:
+            dump_config(self.args, os.path.join(self.args.dump_dir, "config.yaml"))
+            self.metric_logger = MetricLogger(
+                os.path.join(self.args.dump_dir, "metrics.jsonl"), self.state.step, self.args.logging.wandb,
+                self.config, self.args.name, self.args.dump_dir,
+            )
+
+    # ------------------------------------------------------------------ the recipe's steps
+
+    def train_step(self, batches) -> tuple:
+        """One optimizer step: grad_acc_steps micro-batches forward/backward, clip, step. Returns (loss, grad_norm)."""
+        args, model = self.args, self.model
+        loss_sum = 0.0
+        for micro in range(args.grad_acc_steps):
+            batch, data_state, pieces = next(batches)
+            if self.trace:
+                self.trace.write(self.state.step + 1, micro, pieces)
+            batch = torch.from_numpy(batch).to(self.dist.device, non_blocking=True)
+            model.set_requires_gradient_sync(micro == args.grad_acc_steps - 1)
+            loss = model(batch[..., 0], batch[..., 1]) / args.grad_acc_steps
+            loss.backward()
+            loss_sum += loss.detach()
+        clip = args.optim.clip if args.optim.clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip, foreach=True)
+        faults.point("train.before_optimizer_step", self.state.step + 1)
+        self.ckpt.wait_staged()  # an async save must have its copy of the state before the step changes it
+        self.optimizer.step()
+        self.state.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.data = data_state
+        return loss_sum, grad_norm
+
+    def log(self, loss, grad_norm, step_start: float) -> None:
+        """Every logging.freq steps (and the last): average loss over ranks, speed, metrics.jsonl / wandb."""
+        step, args = self.state.step, self.args
+        start, tokens = self.window
+        tokens += self.tokens_per_step // self.dist.dp_world_size
+        self.window = (start, tokens)
+        if step % args.logging.freq and step != args.steps:
+            return
+        loss_t = torch.as_tensor(loss, dtype=torch.float32, device=self.dist.device).reshape(1)
+        torch.distributed.all_reduce(loss_t)  # SUM: gloo has no AVG
+        loss_t /= self.dist.env.world_size
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        now = time.time()
+        metrics = {
+            "global_step": step,
+            "loss/out": loss_t.item(),
+            "optim/lr": self.state.scheduler.get_last_lr()[0],
+            "optim/grad_norm": float(grad_norm),
+            "speed/wps": tokens / (now - start),
+            "speed/step_time_s": now - step_start,
+            "data/tokens_seen": step * self.tokens_per_step,
+            **data_metrics(self.state.data),
+        }
+        if self.peak_flops:
+            metrics["speed/mfu"] = self.flops_per_token * metrics["speed/wps"] / self.peak_flops
+        if self.dist.device.type == "cuda":
+            metrics["mem/max_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if not math.isfinite(metrics["loss/out"]):
+            logger.warning(f"non-finite loss at step {step}")
+        logger.info(
+            f"step {step}/{args.steps} loss {metrics['loss/out']:.4f} grad {metrics['optim/grad_norm']:.3f} "
+            f"lr {metrics['optim/lr']:.2e} wps {metrics['speed/wps']:.0f}"
+            + (f" mfu {metrics['speed/mfu']:.3f}" if self.peak_flops else "")
+        )
+        if self.metric_logger:
+            self.metric_logger.log(metrics)
+        self.window = (time.time(), 0)
+
+    def checkpoint(self) -> bool:
+        """Save when due, at the end, or when any rank was told to stop (decided together). True: stop now."""
+        step, args = self.state.step, self.args
+        self.ckpt.poll()
+        kinds = due_checkpoint_kinds(args, step)
+        preempted = any_rank(self.preemption.requested, self.dist.cpu_group)
+        if not (kinds or preempted or self.finished):
+            return False
+        saved = self.ckpt.save(self.model, self.optimizer, self.state, kinds or ["dump"])
+        if self.finished or preempted:
+            saved = self.ckpt.wait() and saved
+            self.final_saved = saved
+        if "eval" in kinds and args.eval is not None:  # never raises: a failing eval is logged, training goes on
+            maybe_run_eval(args, step, self.ckpt, self.model, self.dist, self.metric_logger, preempted)
+        if preempted:
+            why = self.preemption.signal_name or "a stop request on another rank"
+            if saved:
+                logger.info(f"stopping on {why}: checkpoint at step {step} done, exiting")
+            else:
+                logger.error(f"stopping on {why}: the checkpoint at step {step} could NOT be saved, exiting")
+            if self.dist.is_master and saved:
+                self.preemption.requeue(args.max_requeues)
+        return preempted
+
+    def close(self) -> int:
+        ok = self.ckpt.close()
+        self.final_saved = self.final_saved and ok
+        if self.metric_logger:
+            self.metric_logger.close()
+        if self.trace:
+            self.trace.close()
+        self.lock.release()
+        if self.finished and self.final_saved:
+            logger.info(f"training complete at step {self.state.step}")
+        elif self.finished:
+            logger.error(f"training reached step {self.state.step} but its final checkpoint was NOT saved "
+                         "(see the errors above); rerun the same command to redo the last steps")
+        return 0 if self.final_saved else 1
+
+
+def train(args: TrainArgs) -> int:
+    trainer = Trainer(args)
+    if trainer.finished:
+        logger.info(f"run already complete: step {trainer.state.step} >= steps={args.steps}; nothing to do")
+        return trainer.close()
+    trainer.start_logging()
+    gc.disable()
+    try:
+        with build_dataloader(args.data, trainer.state.data, dp_rank=trainer.dist.dp_rank,
+                              dp_world_size=trainer.dist.dp_world_size, grad_acc_steps=args.grad_acc_steps) as batches, \
+                maybe_profile(args.profiling, args.dump_dir, trainer.dist.env.rank, trainer.state.step) as profiler_step:
+            while not trainer.finished:
+                step_start = time.time()
+                loss, grad_norm = trainer.train_step(batches)
+                profiler_step()
+                if trainer.state.step % args.gc_collect_freq == 0:
+                    gc.collect()
+                trainer.log(loss, grad_norm, step_start)
+                faults.point("step", trainer.state.step)
+                if trainer.checkpoint():
+                    break
+    except BaseException:
+        trainer.lock.release()
+        raise
+    finally:
+        gc.enable()
+    return trainer.close()
 
 
 def main(argv=None) -> int:
-    try:
-        args = load_train_config(argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    return run_then_destroy(lambda: train(args), (ConfigError, CheckpointError, DataError))
+    return run_main(lambda: load_train_config(argv), train, (CheckpointError, DataError, LockError))
 
 
 if __name__ == "__main__":
