@@ -21,6 +21,9 @@ setup(
         "wandb": ["wandb"],
         "eval": ["lm-eval"],
         "data": ["pyarrow"],
-        "dev": ["pytest", "hypothesis", "sentencepiece", "tiktoken", "pyarrow", "wandb", "lm-eval", "psutil"],
+        "hf": ["transformers", "safetensors", "tokenizers"],
+        "plot": ["matplotlib"],
+        "dev": ["pytest", "hypothesis", "sentencepiece", "tiktoken", "pyarrow", "wandb", "lm-eval", "psutil", "ruff",
+                "transformers", "safetensors", "tokenizers", "matplotlib"],
     },
 )

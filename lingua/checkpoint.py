@@ -22,7 +22,7 @@ Trust. A checkpoint is user data: nothing in it can run code. DCP's .metadata (a
 that only builds DCP's metadata classes; the non-tensor values of a shard are read with torch.load(weights_only=
 True); the train state is JSON, RNG states included.
 
-CLI: python -m lingua.checkpoint {list,verify,consolidate,export-hf} PATH
+CLI: python -m lingua.checkpoint {list,verify,consolidate,export-hf} PATH (export-hf: lingua/hf.py)
 """
 
 import base64
@@ -1117,7 +1117,15 @@ def main(argv=None) -> int:
     p.add_argument("path")
     p.add_argument("--out", default=None)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p = sub.add_parser("export-hf", help="write a Hugging Face transformers folder (config, safetensors, tokenizer)")
+    p.add_argument("path")
+    p.add_argument("out")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
     args = parser.parse_args(argv)
+    if args.cmd == "export-hf":
+        from lingua.hf import export_cli
+
+        return export_cli(args)
     if args.cmd == "list":
         _cmd_list(args.path)
         return 0
