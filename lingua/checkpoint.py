@@ -173,8 +173,13 @@ def _load_planner():
 
 
 def dcp_load(state: dict, ckpt_dir: str, no_dist: bool = False) -> None:
-    """Fill `state` (resharding as needed) from a checkpoint, reading nothing that can run code."""
-    dcp.load(state, storage_reader=_TrustedReader(ckpt_dir), planner=_load_planner(), no_dist=no_dist)
+    """Fill `state` (resharding as needed) from a checkpoint, reading nothing that can run code. CheckpointError
+    (on every rank: DCP shares a rank's failure) if a shard cannot be read."""
+    try:
+        dcp.load(state, storage_reader=_TrustedReader(ckpt_dir), planner=_load_planner(), no_dist=no_dist)
+    except CheckpointException as e:  # a BaseException: make it one clear line
+        lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.startswith((" ", "Traceback"))]
+        raise CheckpointError(f"{ckpt_dir}: a shard cannot be loaded: {' '.join(lines[-3:])[:600]}") from None
 
 
 def _read_json(ckpt_dir: str, name: str, what: str) -> dict:

@@ -57,13 +57,22 @@ class MetricLogger:
 
     def log(self, metrics: dict) -> None:
         metrics = {"created_at": time.time(), **metrics}
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            try:
+                self.file.write(json.dumps(metrics) + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk must not stop training (the checkpoints say what is saved)
+                logger.error(f"cannot write {self.path} any more ({e.strerror}); metrics go to the log only")
+                self.file = None
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if k != "global_step"}, step=metrics["global_step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass
         if self.wandb is not None:
             self.wandb.finish()
 

@@ -170,6 +170,8 @@ def check_args(args: StoolArgs) -> None:
     for name in ("mem", "partition", "account", "qos", "constraint", "exclude", "job_name"):
         if re.search(r"\s", str(getattr(args, name))):
             raise StoolError(f"{name}={getattr(args, name)!r}: must not contain whitespace")
+    for f in dataclasses.fields(StoolArgs):
+        check_script_value(f.name, getattr(args, f.name))
 
 
 def validate_app_config(script: str, config_path: str, overrides: Sequence[str] = ()):
@@ -261,17 +263,46 @@ def python_env_activation() -> str:
     return ""
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_script_value(name: str, value) -> str:
+    """A value that goes into submit.slurm: control characters (a newline would end a comment or #SBATCH line and
+    start a shell command) are refused with a StoolError naming it."""
+    value = str(value)
+    if _CONTROL.search(value):
+        raise StoolError(f"{name}={value!r}: control characters (newline, tab, ...) cannot go into submit.slurm")
+    return value
+
+
+def _sbatch_value(name: str, value) -> str:
+    """A value for an #SBATCH line. sbatch (not bash) reads those lines: double quotes group words and nothing is
+    expanded, so a value with spaces, quotes or $ is double-quoted; one holding a double quote or a backslash
+    cannot be written safely and is refused."""
+    value = check_script_value(name, value)
+    if re.fullmatch(r"[\w@%.:/,=+-]+", value):
+        return value
+    if '"' in value or "\\" in value:
+        raise StoolError(f"{name}={value!r}: a double quote or a backslash cannot go into an #SBATCH line")
+    return f'"{value}"'
+
+
 def render_submit_script(args: StoolArgs, dump_dir: str, workdir: str, code_dir: Optional[str]) -> str:
-    """The text of submit.slurm."""
+    """The text of submit.slurm. Every value is checked (no control characters) and quoted: shlex.quote in the
+    shell lines and comments, double quotes where needed in the #SBATCH lines (which sbatch reads)."""
     q = shlex.quote
+    for name, value in (("dump_dir", dump_dir), ("working directory", workdir), ("code_dir", code_dir or ""),
+                        ("python", sys.executable)):
+        check_script_value(name, value)
     ntasks = _tasks_per_node(args)
     logs = os.path.join(dump_dir, "logs")
     config = os.path.join(dump_dir, "base_config.yaml")
+    job_name = args.job_name or os.path.basename(dump_dir.rstrip("/")) or "lingua"
     lines = [
         "#!/bin/bash",
         f"# Written by lingua.stool on {datetime.datetime.now().isoformat(timespec='seconds')}.",
-        f"# Resume (after a crash, or when requeueing stopped): sbatch {dump_dir}/submit.slurm",
-        f"#SBATCH --job-name={args.job_name or os.path.basename(dump_dir.rstrip('/')) or 'lingua'}",
+        f"# Resume (after a crash, or when requeueing stopped): sbatch {q(os.path.join(dump_dir, 'submit.slurm'))}",
+        f"#SBATCH --job-name={_sbatch_value('job_name', job_name)}",
         f"#SBATCH --nodes={args.nodes}",
         f"#SBATCH --ntasks-per-node={ntasks}",
         f"#SBATCH --cpus-per-task={args.ncpu}",
@@ -280,16 +311,17 @@ def render_submit_script(args: StoolArgs, dump_dir: str, workdir: str, code_dir:
         lines.append(f"#SBATCH --gres=gpu:{args.ngpu}")
     optional = [("partition", args.partition), ("mem", args.mem), ("time", args.time), ("account", args.account),
                 ("qos", args.qos), ("constraint", args.constraint), ("exclude", args.exclude)]
-    lines += [f"#SBATCH --{k}={v}" for k, v in optional if str(v)]
+    lines += [f"#SBATCH --{k}={_sbatch_value(k, v)}" for k, v in optional if str(v)]
     lines += [
         # The batch log sits directly in logs/ because SLURM cannot create folders: a manual
         # `sbatch submit.slurm` gets a new job id whose logs/<id>/ does not exist yet.
-        f"#SBATCH --output={logs}/slurm-%j.out",
+        f"#SBATCH --output={_sbatch_value('dump_dir', os.path.join(logs, 'slurm-%j.out'))}",
         "#SBATCH --open-mode=append",
         f"#SBATCH --signal=USR2@{args.signal_seconds}",
         "#SBATCH --requeue",
     ]
-    lines += [f"#SBATCH {opt.strip()}" for opt in args.sbatch_args.split(",") if opt.strip()]
+    lines += [f"#SBATCH {check_script_value('sbatch_args', opt.strip())}" for opt in args.sbatch_args.split(",")
+              if opt.strip()]
     py = q(sys.executable)
     safe = " -P" if code_dir and sys.version_info >= (3, 11) else ""  # keep the cwd from shadowing the snapshot
     body = [
@@ -363,6 +395,7 @@ def _launch(args: StoolArgs, config_overrides: Sequence[str]) -> Tuple[str, str]
         raise StoolError(f"config file '{args.config}' does not exist")
     cfg = validate_app_config(args.script, args.config, config_overrides)
     dump_dir = Path(os.path.abspath(os.path.expanduser(cfg.dump_dir)))
+    check_script_value("dump_dir", dump_dir)  # before anything is created
     cfg.dump_dir = str(dump_dir)
     override = str(args.override).lower()
 

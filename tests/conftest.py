@@ -38,3 +38,36 @@ def slurm_cluster():
         yield cluster
     finally:
         cluster.stop()
+
+
+# A small corpus, a tiny 12-step config and its uninterrupted reference runs, shared by the checkpoint and
+# hardening tests (each reference run is a real 2-process torchrun; made once per session).
+
+
+@pytest.fixture(scope="session")
+def shared_corpus(tmp_path_factory):
+    from tests.helpers import make_corpus
+
+    return make_corpus(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="session")
+def cfg(tmp_path_factory, shared_corpus):
+    from tests.helpers import tiny_config
+
+    return tiny_config(str(tmp_path_factory.mktemp("cfg") / "c.yaml"), shared_corpus)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, cfg):
+    """Uninterrupted 12-step 2-process runs (sync, and with grad accumulation), checkpoint every 4 steps."""
+    from tests.helpers import output, run_train
+
+    tmp = tmp_path_factory.mktemp("reference")
+    runs = {}
+    for name, extra in (("plain", []), ("acc", ["grad_acc_steps=2"])):
+        dump = str(tmp / name)
+        proc = run_train(cfg, dump, nproc=2, args=extra)
+        assert proc.returncode == 0, output(proc)[-4000:]
+        runs[name] = dump
+    return runs

@@ -3,9 +3,11 @@
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import yaml
 
@@ -113,3 +115,46 @@ def committed_steps(dump_dir: str) -> list:
 
 def output(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout + proc.stderr
+
+
+def ckpt_path(dump: str, step: int) -> str:
+    return os.path.join(dump, "checkpoints", f"{step:010d}")
+
+
+def copy_run(src: str, dst: str) -> None:
+    shutil.copytree(src, dst)
+
+
+def start_background(cfg: str, dump: str, extra=(), env=None, nproc: int = 2, new_session: bool = False):
+    """A 2-process torchrun of the trainer in the background (output on its stdout pipe)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           str(free_port()), "-m", "apps.main.train", f"config={cfg}", f"dump_dir={dump}", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=clean_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=new_session)
+
+
+def worker_pids(torchrun: subprocess.Popen) -> dict:
+    """{rank: pid} of the trainer processes under a torchrun."""
+    import psutil
+
+    workers = {}
+    for child in psutil.Process(torchrun.pid).children(recursive=True):
+        try:
+            rank = child.environ().get("RANK")
+        except psutil.Error:
+            continue
+        if rank is not None and "apps.main.train" in " ".join(child.cmdline()):
+            workers[int(rank)] = child.pid
+    return workers
+
+
+def wait_for_step(dump: str, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until metrics.jsonl has logged `step` (the run must stay alive meanwhile)."""
+    deadline = time.time() + timeout
+    path = os.path.join(dump, "metrics.jsonl")
+    while time.time() < deadline:
+        if os.path.exists(path) and any(json.loads(line)["global_step"] >= step for line in open(path) if line.strip()):
+            return
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not reached")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import torch
 
@@ -16,45 +15,21 @@ from lingua.checkpoint import CheckpointArgs, CheckpointManager, SaveEvery, pin
 from lingua.files import write_json
 from tests.helpers import (
     REPO,
+    ckpt_path,
+    copy_run,
+    start_background,
+    wait_for_step,
+    worker_pids,
     clean_env,
     committed_steps,
     free_port,
     losses,
-    make_corpus,
     metrics,
     output,
     run_train,
-    tiny_config,
 )
 
 pytestmark = pytest.mark.e2e  # real torchrun / SLURM / benchmark processes
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(str(tmp_path_factory.mktemp("data")))
-
-
-@pytest.fixture(scope="module")
-def cfg(tmp_path_factory, corpus):
-    return tiny_config(str(tmp_path_factory.mktemp("cfg") / "c.yaml"), corpus)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cfg):
-    """Uninterrupted 12-step 2-process runs (sync, and with grad accumulation), checkpoint every 4 steps."""
-    tmp = tmp_path_factory.mktemp("reference")
-    runs = {}
-    for name, extra in (("plain", []), ("acc", ["grad_acc_steps=2"])):
-        dump = str(tmp / name)
-        proc = run_train(cfg, dump, nproc=2, args=extra)
-        assert proc.returncode == 0, output(proc)[-4000:]
-        runs[name] = dump
-    return runs
-
-
-def ckpt_path(dump, step):
-    return os.path.join(dump, "checkpoints", f"{step:010d}")
 
 
 def full_state(ckpt_dir, out, cfg, nproc, extra=()):
@@ -162,16 +137,10 @@ def test_crash_right_after_commit_keeps_the_new_checkpoint(tmp_path, cfg, refere
 # ------------------------------------------------------------------------- corruption, disagreement
 
 
-def _copy_run(src, dst):
-    import shutil
-
-    shutil.copytree(src, dst)
-
-
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path, cfg, reference, damage):
     dump = str(tmp_path / "run")
-    _copy_run(reference["plain"], dump)
+    copy_run(reference["plain"], dump)
     shard = os.path.join(ckpt_path(dump, 12), "__1_0.distcp")
     if damage == "truncate":
         with open(shard, "r+b") as f:
@@ -187,7 +156,7 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path, cfg, reference, damage):
 
 def test_bit_flip_caught_by_checksum_when_verify_is_on(tmp_path, cfg, reference):
     dump = str(tmp_path / "run")
-    _copy_run(reference["plain"], dump)
+    copy_run(reference["plain"], dump)
     shard = os.path.join(ckpt_path(dump, 12), "__0_0.distcp")
     with open(shard, "r+b") as f:
         f.seek(os.path.getsize(shard) // 2)
@@ -202,7 +171,7 @@ def test_bit_flip_caught_by_checksum_when_verify_is_on(tmp_path, cfg, reference)
 
 def test_rank_that_cannot_see_newest_checkpoint_makes_all_fall_back(tmp_path, cfg, reference):
     dump = str(tmp_path / "run")
-    _copy_run(reference["plain"], dump)
+    copy_run(reference["plain"], dump)
     proc = run_train(cfg, dump, nproc=2, env={"LINGUA_FAULTS": "resolve.candidate@12:1=hide"})
     assert proc.returncode == 0, output(proc)[-4000:]
     assert "rank 1:" in output(proc) and f"resuming from {ckpt_path(dump, 8)}" in output(proc)
@@ -213,42 +182,12 @@ def test_rank_that_cannot_see_newest_checkpoint_makes_all_fall_back(tmp_path, cf
 # -------------------------------------------------------------------------------------- preemption
 
 
-def _worker_pids(torchrun: subprocess.Popen) -> dict:
-    workers = {}
-    for child in psutil.Process(torchrun.pid).children(recursive=True):
-        try:
-            rank = child.environ().get("RANK")
-        except psutil.Error:
-            continue
-        if rank is not None and "apps.main.train" in " ".join(child.cmdline()):
-            workers[int(rank)] = child.pid
-    return workers
-
-
-def _start_background(cfg, dump, extra=(), env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "apps.main.train", f"config={cfg}", f"dump_dir={dump}", *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env=clean_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-
-
-def _wait_for_step(dump, step, proc, timeout=120):
-    deadline = time.time() + timeout
-    path = os.path.join(dump, "metrics.jsonl")
-    while time.time() < deadline:
-        if os.path.exists(path) and any(json.loads(line)["global_step"] >= step for line in open(path) if line.strip()):
-            return
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        time.sleep(0.1)
-    raise AssertionError(f"step {step} not reached")
-
-
 @pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM])
 def test_signal_to_one_rank_saves_same_step_and_rerun_is_exact(tmp_path, cfg, reference, signum):
     dump = str(tmp_path / "run")
-    proc = _start_background(cfg, dump, env={"LINGUA_FAULTS": "step=sleep(0.3)"})
-    _wait_for_step(dump, 5, proc)
-    workers = _worker_pids(proc)
+    proc = start_background(cfg, dump, env={"LINGUA_FAULTS": "step=sleep(0.3)"})
+    wait_for_step(dump, 5, proc)
+    workers = worker_pids(proc)
     os.kill(workers[1], signum)
     time.sleep(0.05)
     os.kill(workers[1], signum)  # a second signal during the save changes nothing
@@ -265,7 +204,7 @@ def test_signal_to_one_rank_saves_same_step_and_rerun_is_exact(tmp_path, cfg, re
 
 def test_rerun_of_finished_run_is_a_noop(tmp_path, cfg, reference):
     dump = str(tmp_path / "run")
-    _copy_run(reference["plain"], dump)
+    copy_run(reference["plain"], dump)
     before = open(os.path.join(dump, "metrics.jsonl")).read()
     proc = run_train(cfg, dump, nproc=2)
     assert proc.returncode == 0
@@ -306,7 +245,7 @@ def test_resharding_model_and_optimizer(tmp_path, cfg, reference, nproc):
 
 def test_resume_on_different_world_size_needs_data_reset(tmp_path, cfg, reference):
     dump = str(tmp_path / "run")
-    _copy_run(reference["plain"], dump)
+    copy_run(reference["plain"], dump)
     proc = run_train(cfg, dump, nproc=1, args=["steps=14"])
     assert proc.returncode != 0
     assert "checkpoint.reset_data_state=true" in proc.stderr
@@ -380,7 +319,7 @@ def _cli(*args):
 
 def test_cli_list_verify_consolidate(tmp_path, cfg, reference):
     dump = str(tmp_path / "run")
-    _copy_run(reference["plain"], dump)
+    copy_run(reference["plain"], dump)
     listing = _cli("list", dump)
     assert listing.returncode == 0
     rows = [ln.split() for ln in listing.stdout.splitlines()[1:]]
@@ -424,7 +363,7 @@ def test_checkpoint_path_not_writable(tmp_path, cfg):
 
 def test_load_step_absent(tmp_path, cfg, reference):
     dump = str(tmp_path / "run")
-    _copy_run(reference["plain"], dump)
+    copy_run(reference["plain"], dump)
     proc = run_train(cfg, dump, nproc=2, args=["checkpoint.load_step=6", "steps=16"])
     assert proc.returncode != 0
     assert "checkpoint.load_step=6: no such checkpoint" in proc.stderr and "have: 12, 8, 4" in proc.stderr
@@ -434,7 +373,7 @@ def test_load_step_absent(tmp_path, cfg, reference):
 
 def test_checkpoint_from_a_different_model_shape(tmp_path, cfg, reference):
     dump = str(tmp_path / "run")
-    _copy_run(reference["plain"], dump)
+    copy_run(reference["plain"], dump)
     proc = run_train(cfg, dump, nproc=2, args=["model.dim=64", "steps=16"])
     assert proc.returncode != 0
     assert "model.dim: 32 -> 64" in proc.stderr and "cannot change on resume" in proc.stderr
@@ -444,7 +383,7 @@ def test_checkpoint_from_a_different_model_shape(tmp_path, cfg, reference):
 
 def test_unreadable_commit_records_stop_the_run_and_delete_nothing(tmp_path, cfg, reference):
     dump = str(tmp_path / "run")
-    _copy_run(reference["plain"], dump)
+    copy_run(reference["plain"], dump)
     for step in (4, 8, 12):
         with open(os.path.join(ckpt_path(dump, step), "COMMIT.json"), "w") as f:
             f.write("{not json")
