@@ -608,8 +608,10 @@ class _Deleter:
 class CheckpointManager:
     """Owns one run's checkpoint folder. Every method is called by all ranks together (collectives)."""
 
-    def __init__(self, args: CheckpointArgs, dump_dir: str, dist_state, config_dict: dict):
+    def __init__(self, args: CheckpointArgs, dump_dir: str, dist_state, config_dict: dict,
+                 layout: Optional[dict] = None):
         self.args = args
+        self.layout = layout or {}  # recorded in the commit record (e.g. the batch layout), shown by `list`
         self.root = args.path or os.path.join(dump_dir, "checkpoints")
         self.dist = dist_state
         self.rank = dist_state.env.rank
@@ -986,6 +988,7 @@ class CheckpointManager:
                     "kinds": kinds,
                     "world_size": self.world_size,
                     "dp_world_size": self.dist.dp_world_size,
+                    "layout": self.layout,
                     "created": time.time(),
                     "torch_version": torch.__version__,
                     "files": all_files,
@@ -1060,7 +1063,7 @@ def _cmd_list(path: str) -> None:
     if not names:
         print(f"no checkpoints in {root}")
         return
-    print(f"{'step':>10}  {'status':<12} {'size':>10}  {'world':>5}  {'dp':>3}  created")
+    print(f"{'step':>10}  {'status':<12} {'size':>10}  {'world':>5}  {'dp':>3}  {'batch x acc = global':>20}  created")
     for name in names:
         full = os.path.join(root, name)
         if not os.path.isdir(full):
@@ -1070,10 +1073,14 @@ def _cmd_list(path: str) -> None:
                 rec = validate_checkpoint(full)
                 created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec["created"]))
                 status = "committed" + ("*" if is_pinned(full) else "")
+                lay = rec.get("layout") or {}
+                batch = (f"{lay['batch_size']} x {lay['grad_acc_steps']} = {lay['global_batch']}"
+                         if {"batch_size", "grad_acc_steps", "global_batch"} <= set(lay) else "-")
                 print(f"{int(name):>10}  {status:<12} {dir_size(full) / 1e6:>8.1f}MB  {rec['world_size']:>5}  "
-                      f"{rec['dp_world_size']:>3}  {created}")
+                      f"{rec['dp_world_size']:>3}  {batch:>20}  {created}")
             except CheckpointError as e:
-                print(f"{int(name):>10}  {'INVALID':<12} {dir_size(full) / 1e6:>8.1f}MB  {'-':>5}  {'-':>3}  {e}")
+                print(f"{int(name):>10}  {'INVALID':<12} {dir_size(full) / 1e6:>8.1f}MB  {'-':>5}  {'-':>3}  "
+                      f"{'-':>20}  {e}")
         else:
             print(f"{name:>10}  {'staging' if name.endswith('.tmp') else 'other':<12} {dir_size(full) / 1e6:>8.1f}MB")
 

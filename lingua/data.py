@@ -558,20 +558,15 @@ class DataPipeline:
         self.cum[-1] = 1.0
         self.tokenizer = build_tokenizer(args.tokenizer)
         G, N = int(fp["global_batch"]), int(fp["streams"])
-        per_rank = G // self.world
-        if G % self.world or per_rank % args.batch_size:
+        now = int(args.batch_size) * int(grad_acc_steps) * self.world
+        if now != G:
             raise DataError(
-                f"the data stream's global batch is {G} sequences, which {self.world} data-parallel ranks with "
-                f"data.batch_size={args.batch_size} cannot split into whole micro-batches; choose batch_size and "
-                f"grad_acc_steps with batch_size x grad_acc_steps x ranks = {G}, or set {RESET_OPTION}"
+                f"the data stream's global batch is {G} sequences, this run's is {now} (data.batch_size "
+                f"{args.batch_size} x grad_acc_steps {grad_acc_steps} x {self.world} data-parallel ranks): the stream "
+                f"continues only with the same global batch; set data.global_batch_size={G} (grad_acc_steps is then "
+                f"derived), or set {RESET_OPTION} to start a new stream"
             )
-        self.acc = per_rank // args.batch_size
-        if self.acc != grad_acc_steps:
-            raise DataError(
-                f"the data stream's global batch is {G} sequences: with {self.world} data-parallel ranks and "
-                f"data.batch_size={args.batch_size}, grad_acc_steps must be {self.acc} (it is {grad_acc_steps}); set "
-                f"data.global_batch_size={G} to derive it, or set {RESET_OPTION} to start a new stream"
-            )
+        self.acc = int(grad_acc_steps)
         self._check_fingerprint(fp, G, N)
         self.seed = int(args.seed) % (1 << 63)
         self.seq_len = int(args.seq_len)

@@ -243,12 +243,13 @@ def test_resharding_model_and_optimizer(tmp_path, cfg, reference, nproc):
     assert_states_equal(saved, loaded)
 
 
-def test_resume_on_different_world_size_needs_data_reset(tmp_path, cfg, reference):
+def test_resume_with_another_global_batch_needs_data_reset(tmp_path, cfg, reference):
+    """One rank instead of two with the same per-rank batch: the global batch (and so the stream) would change."""
     dump = str(tmp_path / "run")
     copy_run(reference["plain"], dump)
     proc = run_train(cfg, dump, nproc=1, args=["steps=14"])
     assert proc.returncode != 0
-    assert "checkpoint.reset_data_state=true" in proc.stderr
+    assert "data.global_batch_size=4" in proc.stderr and "checkpoint.reset_data_state=true" in proc.stderr
     assert committed_steps(dump) == committed_steps(reference["plain"])  # nothing deleted
     proc = run_train(cfg, dump, nproc=3, args=["steps=14", "checkpoint.reset_data_state=true"])
     assert proc.returncode == 0, output(proc)[-4000:]
@@ -324,6 +325,7 @@ def test_cli_list_verify_consolidate(tmp_path, cfg, reference):
     assert listing.returncode == 0
     rows = [ln.split() for ln in listing.stdout.splitlines()[1:]]
     assert [r[0] for r in rows] == ["4", "8", "12"] and all(r[1] == "committed" and r[3] == "2" for r in rows)
+    assert all(" ".join(r[5:10]) == "2 x 1 = 4" for r in rows)  # batch_size x grad_acc_steps = global batch
     ok = _cli("verify", ckpt_path(dump, 12))
     assert ok.returncode == 0 and ok.stdout.startswith("OK: step 12")
     cons = _cli("consolidate", ckpt_path(dump, 12), "--out", str(tmp_path / "cons"))

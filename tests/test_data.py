@@ -252,7 +252,7 @@ def test_states_reshard_onto_another_layout(corpus, before, after):
     assert step_rows(args2, moved, 6, acc2) == reference[4:]
     with pytest.raises(DataError, match="cannot share evenly"):
         reshard_data_state(saved, 0, 5)
-    with pytest.raises(DataError, match="grad_acc_steps must be"):
+    with pytest.raises(DataError, match="global batch is 12 sequences, this run's is"):
         stream(args2, moved[0], 1, acc2 + 1)
     if W > 1:
         with pytest.raises(DataError, match=f"hold {12 // W} of the 12 logical streams"):
@@ -269,7 +269,7 @@ def test_global_batch_and_streams_checks(corpus):
         init_dataloader_state(DataArgs(root_dir=root, sources={"a": 1.0}, batch_size=2, streams=3), 0, 1)
     state = init_dataloader_state(DataArgs(root_dir=root, sources={"a": 1.0}, batch_size=2, seq_len=8), 0, 2)
     other = DataArgs(root_dir=root, sources={"a": 1.0}, batch_size=3, seq_len=8, load_async=False)
-    with pytest.raises(DataError, match="cannot split into whole micro-batches"):
+    with pytest.raises(DataError, match="global batch is 4 sequences, this run's is 6"):
         stream(other, state, 1)
 
 

@@ -184,7 +184,9 @@ class Trainer:
             raise ConfigError(f"model.vocab_size ({args.model.vocab_size}) < tokenizer vocabulary ({tokenizer.n_words})")
         self.config = config_to_dict(args)
 
-        self.ckpt = CheckpointManager(args.checkpoint, args.dump_dir, self.dist, self.config)
+        layout = {"batch_size": args.data.batch_size, "grad_acc_steps": args.grad_acc_steps,
+                  "global_batch": args.data.batch_size * args.grad_acc_steps * self.dist.dp_world_size}
+        self.ckpt = CheckpointManager(args.checkpoint, args.dump_dir, self.dist, self.config, layout)
         self.ckpt.prepare()
         self.ckpt.resolve()
         faults.point("startup.after_resolve")
