@@ -30,7 +30,7 @@ from typing import Optional, Sequence, Tuple
 
 from lingua.args import ConfigError, dump_config, load_config
 from lingua.files import atomic_write, write_json
-from lingua.slurm import job_free_env
+from lingua.slurm import job_free_env, request_fits
 
 logger = logging.getLogger(__name__)
 
@@ -280,16 +280,19 @@ def _sbatch_value(name: str, value) -> str:
     expanded, so a value with spaces, quotes or $ is double-quoted; one holding a double quote or a backslash
     cannot be written safely and is refused."""
     value = check_script_value(name, value)
-    if re.fullmatch(r"[\w@%.:/,=+-]+", value):
+    if re.fullmatch(r"[\w@%.:/,=+\[\]-]+", value):
         return value
     if '"' in value or "\\" in value:
         raise StoolError(f"{name}={value!r}: a double quote or a backslash cannot go into an #SBATCH line")
     return f'"{value}"'
 
 
-def render_submit_script(args: StoolArgs, dump_dir: str, workdir: str, code_dir: Optional[str]) -> str:
+def render_submit_script(args: StoolArgs, dump_dir: str, workdir: str, code_dir: Optional[str],
+                         driver: bool = False) -> str:
     """The text of submit.slurm. Every value is checked (no control characters) and quoted: shlex.quote in the
-    shell lines and comments, double quotes where needed in the #SBATCH lines (which sbatch reads)."""
+    shell lines and comments, double quotes where needed in the #SBATCH lines (which sbatch reads). A `driver`
+    script (STOOL_DRIVER = True, e.g. lingua.drill) runs once in the batch step and launches its own srun steps;
+    any other runs as one task per process through srun."""
     q = shlex.quote
     for name, value in (("dump_dir", dump_dir), ("working directory", workdir), ("code_dir", code_dir or ""),
                         ("python", sys.executable)):
@@ -338,16 +341,18 @@ def render_submit_script(args: StoolArgs, dump_dir: str, workdir: str, code_dir:
         '    mkdir -p "$LOGS/$SLURM_JOB_ID"',
         '    echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: '
         'task logs in $LOGS/$SLURM_JOB_ID/"',
-        f"    srun --kill-on-bad-exit=1 --cpus-per-task={args.ncpu} --open-mode=append \\",
-        '        --output="$LOGS/%j/%j.%t.stdout" --error="$LOGS/%j/%j.%t.stderr" \\',
-        f'        "$PYTHON" -u{safe} -m {args.script} config={q(config)}',
+        *([f'    "$PYTHON" -u{safe} -m {args.script} config={q(config)} >> "$LOGS/$SLURM_JOB_ID/driver.log" 2>&1']
+          if driver else
+          [f"    srun --kill-on-bad-exit=1 --cpus-per-task={args.ncpu} --open-mode=append \\",
+           '        --output="$LOGS/%j/%j.%t.stdout" --error="$LOGS/%j/%j.%t.stderr" \\',
+           f'        "$PYTHON" -u{safe} -m {args.script} config={q(config)}']),
         "    rc=$?",
-        '    echo "[$(date -Is)] job $SLURM_JOB_ID: srun exited with $rc"',
+        '    echo "[$(date -Is)] job $SLURM_JOB_ID: ' + ("the driver" if driver else "srun") + ' exited with $rc"',
         "    exit $rc",
         "fi",
         "# Not inside a SLURM allocation (launcher=bash without salloc): run the tasks on this machine.",
     ]
-    ntotal = args.nodes * ntasks
+    ntotal = 1 if driver else args.nodes * ntasks
     if ntotal > 1:
         env = "PYTHONSAFEPATH=1 " if safe else ""
         body.append(f'{env}"$PYTHON" -u -m torch.distributed.run --standalone --nproc_per_node={ntotal} '
@@ -391,12 +396,18 @@ def _launch(args: StoolArgs, config_overrides: Sequence[str]) -> Tuple[str, str]
     env = job_free_env()
     if args.launcher == "sbatch" and shutil.which("sbatch", path=env.get("PATH")) is None:
         raise StoolError("sbatch is not on PATH: is SLURM installed here? (launcher=bash runs without SLURM)")
+    if args.launcher == "sbatch":  # a request no node can hold waits forever: say so (sbatch accepts some of them)
+        warning = request_fits(args.partition, args.nodes, _tasks_per_node(args), args.ncpu, args.ngpu, args.mem)
+        if warning:
+            print(f"stool: warning: {warning}", file=sys.stderr)
     if not os.path.isfile(args.config):
         raise StoolError(f"config file '{args.config}' does not exist")
     cfg = validate_app_config(args.script, args.config, config_overrides)
-    dump_dir = Path(os.path.abspath(os.path.expanduser(cfg.dump_dir)))
+    cfg.dump_dir = os.path.abspath(os.path.expanduser(cfg.dump_dir))
+    # The job's folder (base_config.yaml, submit.slurm, code/, logs/): the dump dir, or the app's `job_dir`.
+    dump_dir = Path(getattr(cfg, "job_dir", None) or cfg.dump_dir)
     check_script_value("dump_dir", dump_dir)  # before anything is created
-    cfg.dump_dir = str(dump_dir)
+    driver = bool(getattr(importlib.import_module(args.script), "STOOL_DRIVER", False))
     override = str(args.override).lower()
 
     code_dir: Optional[str] = None
@@ -449,7 +460,8 @@ def _launch(args: StoolArgs, config_overrides: Sequence[str]) -> Tuple[str, str]
             code_dir = str(code)
         for name, writer in (
             ("base_config.yaml", lambda p: dump_config(cfg, str(p))),
-            ("submit.slurm", lambda p: _write_text(p, render_submit_script(args, str(dump_dir), os.getcwd(), code_dir))),
+            ("submit.slurm", lambda p: _write_text(p, render_submit_script(args, str(dump_dir), os.getcwd(), code_dir,
+                                                                           driver))),
         ):
             path = dump_dir / name
             if path.exists():
