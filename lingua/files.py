@@ -53,16 +53,19 @@ def write_jsonl(path: str, records: Iterable[dict]) -> None:
 
 
 def read_jsonl(path: str) -> list:
-    """The records of a jsonl file, stopping at a torn or garbled line (a writer killed mid-line)."""
+    """The records of a jsonl file, skipping torn or garbled lines (a writer killed mid-line, a damaged line):
+    one bad line must not hide the records after it."""
     records = []
     if not os.path.exists(path):
         return records
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         for line in f:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                break
+                continue
+            if isinstance(record, dict):
+                records.append(record)
     return records
 
 

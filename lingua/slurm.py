@@ -4,6 +4,8 @@
 - `port_from_job_id(job_id)`: a rendezvous port every task of a job derives identically.
 - `in_slurm_job()`: whether this process runs inside a SLURM allocation (batch step or srun).
 - `job_free_env()`: the environment for launching a separate job, without this job's launch variables.
+- `query_jobs(job_ids)`: state and pending reason of jobs (`squeue`, then `sacct`), for `lingua.status`.
+- `request_fits(partition, ...)`: whether a partition has nodes big enough for a request (`sinfo`), for stool.
 - `requeue_current_job(max_requeues)`: `scontrol requeue $SLURM_JOB_ID`, bounded by SLURM_RESTART_COUNT so a
   run that keeps crashing does not requeue itself forever, and only while the job is still RUNNING: a job the
   user cancelled (`scancel` sends SIGTERM first), or one killed at its time limit, shows as COMPLETING and is
@@ -18,7 +20,7 @@ import os
 import re
 import shutil
 import subprocess
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ __all__ = [
     "in_slurm_job",
     "restart_count",
     "job_state",
+    "query_jobs",
+    "request_fits",
     "requeue_current_job",
     "job_free_env",
 ]
@@ -151,6 +155,89 @@ def job_state(job_id: str) -> Optional[str]:
     return m.group(1) if m else None
 
 
+def _run(cmd: List[str], timeout: float) -> Optional[subprocess.CompletedProcess]:
+    """Run a SLURM client command; None when it is not installed or does not answer in time."""
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def query_jobs(job_ids: List[str], timeout: float = 10.0) -> Tuple[Dict[str, dict], Optional[str]]:
+    """({job id: {"state", "reason"}}, note) for the jobs SLURM still knows: `squeue` answers for recent jobs in
+    any state (the controller forgets them MinJobAge after they end), `sacct` for older ones. The note says, in one
+    line, what could not be asked (no squeue, no accounting storage, ...), else None."""
+    ids = [str(j) for j in dict.fromkeys(job_ids) if j]
+    states: Dict[str, dict] = {}
+    if not ids:
+        return states, None
+    res = _run(["squeue", "-h", "--states=all", "-j", ",".join(ids), "-o", "%i|%T|%r"], timeout)
+    if res is None:
+        return states, "squeue is not available here: job states unknown"
+    if res.returncode != 0 and "Invalid job id" not in res.stderr:
+        return states, f"squeue failed: {(res.stderr.strip().splitlines() or ['no output'])[-1]}"
+    for line in res.stdout.splitlines() if res.returncode == 0 else []:  # exit 1: none of the ids is known
+        job, state, reason = (line.split("|") + ["", ""])[:3]
+        states[job.strip()] = {"state": state.strip(), "reason": reason.strip()}
+    missing = [j for j in ids if j not in states]
+    if not missing:
+        return states, None
+    res = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(missing), "-o", "JobID,State"], timeout)
+    if res is None or res.returncode != 0:
+        why = "not installed" if res is None else ((res.stderr or res.stdout).strip().splitlines() or ["failed"])[-1]
+        return states, f"job(s) {', '.join(missing)}: final state unknown (sacct: {why})"
+    for line in res.stdout.splitlines():
+        job, _, state = line.partition("|")
+        if job.strip() in missing:
+            states[job.strip()] = {"state": state.split()[0] if state.strip() else "", "reason": ""}
+    return states, None
+
+
+def _mem_mb(mem: str) -> Optional[int]:
+    """sbatch --mem ('64G', '500M', '16000' in MB) in MB; None for unset or 0 (all of a node's memory)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(mem or ""), re.IGNORECASE)
+    if not m:
+        return None
+    scale = {"K": 1 / 1024, "M": 1, "": 1, "G": 1024, "T": 1024 * 1024}[m[2].upper()]
+    return int(float(m[1]) * scale) or None
+
+
+def request_fits(partition: str, nodes: int = 1, ntasks_per_node: int = 1, cpus_per_task: int = 1,
+                 gpus_per_node: int = 0, mem: str = "", timeout: float = 10.0) -> Optional[str]:
+    """A warning line if `partition` has fewer than `nodes` nodes with ntasks_per_node x cpus_per_task CPUs,
+    gpus_per_node GPUs and `mem` memory each (from `sinfo`'s node list): such a job can never start (sbatch refuses
+    it, or it stays PENDING with Reason=PartitionConfig / PartitionNodeLimit). None if it fits, and None when sinfo
+    cannot tell (not installed, no answer)."""
+    res = _run(["sinfo", "-h", "-N", "-p", partition, "-o", "%N|%c|%m|%G"], timeout)
+    if res is None or res.returncode != 0:
+        return None
+    hosts = {}
+    for line in res.stdout.splitlines():
+        name, cpus, mem_mb, gres = (line.split("|") + ["", "", ""])[:4]
+        try:
+            gpus = sum(int(g) for g in re.findall(r"\bgpu(?::[^:,(]+)?:(\d+)", gres))
+            hosts[name.strip()] = (int(cpus), int(float(mem_mb)), gpus)
+        except ValueError:
+            continue
+    if not hosts:
+        return f"sinfo lists no node in partition {partition!r}: is it spelled right?"
+    need = (ntasks_per_node * cpus_per_task, _mem_mb(mem), gpus_per_node)
+    fit = [h for h in hosts.values() if h[0] >= need[0] and (need[1] is None or h[1] >= need[1]) and h[2] >= need[2]]
+    if len(fit) >= nodes:
+        return None
+    cpus = f"CPUs for {ntasks_per_node} tasks x {cpus_per_task} CPUs" if ntasks_per_node > 1 else "CPUs"
+    for i, what in ((0, cpus), (2, "GPUs"), (1, "MB of memory")):
+        largest = max(h[i] for h in hosts.values())
+        if need[i] and largest < need[i]:
+            return (f"no node of partition {partition} has {need[i]} {what} (largest: {largest}): the job would stay "
+                    f"PENDING (Reason=PartitionConfig) or be refused")
+    return (f"partition {partition} has {len(fit)} node(s) with {need[0]} CPUs, {need[2]} GPUs"
+            + (f", {need[1]} MB" if need[1] else "") + f" each, {nodes} requested: the job would stay PENDING "
+            "(Reason=PartitionNodeLimit) or be refused")
+
+
 def requeue_current_job(max_requeues: int) -> bool:
     """Requeue this SLURM job (`scontrol requeue $SLURM_JOB_ID`) unless it was already requeued
     `max_requeues` times. Call from rank 0 after the preemption checkpoint is committed.
@@ -187,7 +274,8 @@ def requeue_current_job(max_requeues: int) -> bool:
         logger.error("scontrol requeue %s failed: %s", target, e)
         return False
     if res.returncode != 0:
-        logger.error("scontrol requeue %s failed (exit %d): %s", target, res.returncode, (res.stderr or res.stdout).strip())
+        logger.error("scontrol requeue %s failed (exit %d): %s", target, res.returncode,
+                     (res.stderr or res.stdout).strip())
         return False
     logger.info("requeued SLURM job %s (restart %d of at most %d)", target, restarts + 1, max_requeues)
     return True

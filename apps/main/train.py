@@ -8,6 +8,7 @@
 forward/backward, the optimizer step, the metrics, the checkpoint (and preemption), the eval.
 """
 
+import datetime
 import gc
 import logging
 import math
@@ -49,6 +50,7 @@ from lingua.optim import OptimArgs, apply_hyperparameters, build_optimizer
 from lingua.preemption import PreemptionHandler
 from lingua.pretrained import check_init_source, find_model, load_weights
 from lingua.profiling import ProfilerArgs, maybe_profile
+from lingua.status import disk_forecast
 from lingua.tokenizer import build_tokenizer
 from lingua.transformer import LMTransformerArgs, build_model, flops_per_token, num_params
 
@@ -100,12 +102,18 @@ CONFIG_CLASS = TrainArgs
 def load_train_config(argv=None) -> TrainArgs:
     """Parse and validate everything that can be checked before distributed start-up."""
     args = parse_args(TrainArgs, argv)
+    check_config(args)
+    return args
+
+
+def check_config(args: TrainArgs, world_size: Optional[int] = None) -> None:
+    """The checks that need no process group (data, mesh for `world_size` processes, default this launch's,
+    initial weights); derives grad_acc_steps from data.global_batch_size."""
     check_data_args(args.data)
-    replicate, shard, _ = check_mesh_shape(args.distributed, get_launch_env().world_size)
+    replicate, shard, _ = check_mesh_shape(args.distributed, world_size or get_launch_env().world_size)
     derive_grad_acc_steps(args, replicate * shard)
     if args.checkpoint.init_ckpt_path:
         check_init_source(args.checkpoint.init_ckpt_path, args.model)
-    return args
 
 
 # What a changed option does on resume. The model's shapes and the tokenizer's ids cannot change under a
@@ -173,7 +181,8 @@ class Trainer:
     def _setup(self) -> None:
         args = self.args
         add_log_file(os.path.join(args.dump_dir, "train.log"))
-        logger.info(f"run start: {describe_launch(self.dist.env)}")
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        logger.info(f"run start: {describe_launch(self.dist.env)}, started {started}")  # lingua.status dates it
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
 
@@ -218,6 +227,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(args.model, self.n_params, args.data.seq_len)
         self.peak_flops = gpu_peak_flops(self.dist.device)
         self.window = (time.time(), 0)  # start and tokens of the current logging window
+        self.steps_per_s: Optional[float] = None  # of the last logging window (for the disk forecast)
 
     @property
     def finished(self) -> bool:
@@ -232,6 +242,7 @@ class Trainer:
                 os.path.join(self.args.dump_dir, "metrics.jsonl"), self.state.step, self.args.logging.wandb,
                 self.config, self.args.name, self.args.dump_dir,
             )
+            self.check_disk()
 
     # ------------------------------------------------------------------ the recipe's steps
 
@@ -295,6 +306,7 @@ class Trainer:
         )
         if self.metric_logger:
             self.metric_logger.log(metrics)
+        self.steps_per_s = metrics["speed/wps"] * self.dist.dp_world_size / self.tokens_per_step
         self.window = (time.time(), 0)
 
     def checkpoint(self) -> bool:
@@ -306,6 +318,8 @@ class Trainer:
         if not (kinds or preempted or self.finished):
             return False
         saved = self.ckpt.save(self.model, self.optimizer, self.state, kinds or ["dump"])
+        if saved:
+            self.check_disk()
         if self.finished or preempted:
             saved = self.ckpt.wait() and saved
             self.final_saved = saved
@@ -320,6 +334,28 @@ class Trainer:
             if self.dist.is_master and saved:
                 self.preemption.requeue(args.max_requeues)
         return preempted
+
+    def check_disk(self) -> None:
+        """Rank 0, at start and after each save: warn (log, wandb alert) when the checkpoints left until `steps` will
+        not fit on the checkpoint filesystem, retention included (lingua.status.disk_forecast)."""
+        if not self.dist.is_master:
+            return
+        try:
+            warning = disk_forecast(self.ckpt.root, self.args.checkpoint, self.args.steps, self.state.step,
+                                    steps_per_s=self.steps_per_s).warning
+        except OSError as e:  # a forecast must never stop training
+            logger.warning(f"disk forecast failed: {e}")
+            return
+        if warning is None:
+            return
+        logger.warning(warning)
+        wandb = getattr(self.metric_logger, "wandb", None)
+        if wandb is not None:
+            try:
+                wandb.alert(title="checkpoints will not fit on the disk", text=warning, level="WARN",
+                            wait_duration=3600)
+            except Exception as e:  # noqa: BLE001 (wandb must never stop training)
+                logger.warning(f"wandb alert failed: {type(e).__name__}: {e}")
 
     def close(self) -> int:
         ok = self.ckpt.close()
