@@ -21,9 +21,9 @@ setup(
         "wandb": ["wandb"],
         "eval": ["lm-eval"],
         "data": ["pyarrow"],
-        "hf": ["transformers", "safetensors", "tokenizers"],
+        "hf": ["transformers", "safetensors", "tokenizers", "protobuf"],
         "plot": ["matplotlib"],
         "dev": ["pytest", "hypothesis", "sentencepiece", "tiktoken", "pyarrow", "wandb", "lm-eval", "psutil", "ruff",
-                "transformers", "safetensors", "tokenizers", "matplotlib"],
+                "transformers", "safetensors", "tokenizers", "protobuf", "matplotlib"],
     },
 )

@@ -3,8 +3,9 @@
     source = find_model(path)                       # what `path` holds; no process group needed
     model = load_model(source, dist_state, dist_args) # the sharded model with its weights, in eval mode
 
-`path` is a committed DCP checkpoint folder (read by any number of processes, resharded), or a consolidated
-folder / file (`python -m lingua.checkpoint consolidate`).
+`path` is a committed DCP checkpoint folder (read by any number of processes, resharded), a consolidated
+folder / file (`python -m lingua.checkpoint consolidate`), or a Hugging Face Llama folder (config.json +
+safetensors, e.g. from `python -m lingua.checkpoint export-hf`; lingua/hf.py reads it).
 """
 
 import dataclasses
@@ -15,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from lingua import hf
 from lingua.args import ConfigError
 from lingua.checkpoint import (
     CheckpointError,
@@ -38,7 +40,7 @@ class ModelSource:
     """What a checkpoint path holds."""
 
     path: str  # absolute path of the checkpoint folder (or consolidated file)
-    kind: str  # dcp | consolidated
+    kind: str  # dcp | consolidated | hf
     params: dict  # the training config it was saved with (at least a 'model' section)
     step: Optional[int]  # the training step, when known
     weights: Optional[str] = None  # the consolidated file
@@ -49,7 +51,10 @@ class ModelSource:
 
     @property
     def tokenizer_args(self) -> TokenizerArgs:
-        return TokenizerArgs(**((self.params.get("data") or {}).get("tokenizer") or {}))
+        args = TokenizerArgs(**((self.params.get("data") or {}).get("tokenizer") or {}))
+        if self.kind == "hf" and args.name == hf.UNAVAILABLE_TOKENIZER:
+            raise CheckpointError(hf.tokenizer_problem(self.path))
+        return args
 
     @property
     def run_dir(self) -> Optional[str]:
@@ -74,8 +79,12 @@ def find_model(path: str) -> ModelSource:
     consolidated = os.path.join(full, CONSOLIDATED_FILE)
     if os.path.exists(consolidated) and not is_checkpoint(full):
         return ModelSource(full, "consolidated", read_params(full), step_of(full), weights=consolidated)
+    if hf.is_hf_folder(full) and not is_checkpoint(full):
+        params, step = hf.hf_params(full)  # a Llama folder lingua can build, or CheckpointError saying why not
+        return ModelSource(full, "hf", params, step)
     if not is_checkpoint(full):
-        raise CheckpointError(f"{path} is not a checkpoint folder (no commit record, DCP metadata or {CONSOLIDATED_FILE})")
+        raise CheckpointError(f"{path} is not a checkpoint folder (no commit record, DCP metadata, "
+                              f"{CONSOLIDATED_FILE} or Hugging Face {hf.CONFIG_FILE})")
     record = validate_checkpoint(full, dp_rank=None)  # no commit record, a missing or truncated file, garbled files
     return ModelSource(full, "dcp", read_params(full), int(record["step"]))
 
@@ -99,9 +108,22 @@ def load_weights(source: ModelSource, model) -> None:
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    state = torch.load(source.weights, map_location="cpu", weights_only=True)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if source.kind == "hf":
+        state = hf.read_hf_weights(source.path, source.model_args)  # fp32, renamed, q/k rows permuted back
+        _check_shapes(source, state, model)
+    else:
+        state = torch.load(source.weights, map_location="cpu", weights_only=True)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _check_shapes(source: ModelSource, state: dict, model) -> None:
+    """CheckpointError naming the first tensor whose shape differs from the model's (e.g. another vocab size)."""
+    for name, param in model.named_parameters():
+        name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        if name in state and tuple(state[name].shape) != tuple(param.shape):  # a DTensor reports its full shape
+            raise CheckpointError(f"{source.path}: {name} has shape {list(state[name].shape)}, the model "
+                                  f"{list(param.shape)} (check model.* against python -m lingua.hf model-args)")
 
 
 def load_model(source: ModelSource, dist_state, dist_args) -> LMTransformer:
@@ -124,6 +146,12 @@ def check_init_source(path: str, margs: LMTransformerArgs) -> ModelSource:
         source = find_model(path)
     except CheckpointError as e:
         raise ConfigError(f"checkpoint.init_ckpt_path: {e}") from None
+    if source.kind == "hf":  # compare what shapes the weights (a Llama config has no model.multiple_of)
+        diff = hf.architecture_mismatches(source.params["model"], margs)
+        if diff:
+            raise ConfigError(f"checkpoint.init_ckpt_path {path} (a Hugging Face Llama) holds another architecture: "
+                              + "; ".join(diff[:5]) + f" (python -m lingua.hf model-args {path} prints its options)")
+        return source
     saved, wanted = source.params["model"], dataclasses.asdict(margs)
     diff = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {wanted[k]!r} here" for k in sorted(wanted)
             if k not in _FREE_MODEL_KEYS and k in saved and saved.get(k) != wanted[k]

@@ -116,7 +116,7 @@ class EvalSlurmArgs:
 class EvalArgs:
     name: str = "eval"  # name of the eval (logs, wandb)
     dump_dir: str = ""  # where this eval writes results.json, parts/, samples.jsonl, logs (required)
-    ckpt_dir: str = ""  # a committed checkpoint folder, or a consolidated folder / consolidated.pth (required)
+    ckpt_dir: str = ""  # a committed checkpoint, a consolidated folder / .pth, or a Hugging Face Llama folder (required)
     run_dir: Optional[str] = None  # run whose metrics.eval.jsonl gets a line; default: from the checkpoint path
     global_step: Optional[int] = None  # step to record; default: the checkpoint's step
     validation: Optional[ValidationArgs] = field(default_factory=ValidationArgs)  # null = no validation
@@ -268,7 +268,7 @@ def prepare_eval(args: EvalArgs, params: Optional[dict] = None, step: Optional[i
     if step is None:
         raise ConfigError(f"cannot tell the step of {args.ckpt_dir}: set global_step=<step>")
     run_dir = args.run_dir or (source.run_dir if source else None)
-    tok = TokenizerArgs(**((params.get("data") or {}).get("tokenizer") or {}))
+    tok = source.tokenizer_args if source else TokenizerArgs(**((params.get("data") or {}).get("tokenizer") or {}))
     spec = _val_spec(args, params, tok)
     max_seqlen = int(params["model"].get("max_seqlen", 0))
     if args.validation is not None and spec["seq_len"] > max_seqlen:

@@ -30,7 +30,7 @@ from lingua.tokenizer import build_tokenizer
 
 @dataclass
 class GenerateArgs:
-    ckpt: str = ""  # committed checkpoint folder, or consolidated folder / consolidated.pth (required)
+    ckpt: str = ""  # a committed checkpoint, a consolidated folder / .pth, or a Hugging Face Llama folder (required)
     prompt: Optional[str] = None  # one prompt
     prompts_file: Optional[str] = None  # prompts, one per line (or .jsonl with a "prompt" field)
     output: Optional[str] = None  # also write {"prompt", "generation"} lines here
