@@ -212,13 +212,14 @@ def run_logged(cmd: List[str], log_path: str, env: dict, timeout: float) -> floa
                                 start_new_session=True)
         try:
             proc.wait(timeout=timeout)
-        except BaseException:
+        except BaseException as e:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except OSError:
                 pass
             proc.wait()
-            raise RuntimeError(f"killed (timeout {timeout:.0f}s or interrupted): {' '.join(cmd)} (log: {log_path})")
+            raise RuntimeError(f"killed (timeout {timeout:.0f}s or interrupted): {' '.join(cmd)} "
+                               f"(log: {log_path})") from e
     if proc.returncode != 0:
         raise RuntimeError(f"exit code {proc.returncode}: {' '.join(cmd)}\n--- {log_path} (tail)\n{tail(log_path)}")
     return start

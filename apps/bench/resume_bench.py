@@ -5,10 +5,14 @@ Start-up, `repeats` times (the checkpoint-sized model of ckpt_bench, N processes
   - fresh:  `torchrun -m apps.main.train config=... steps=1` in a new dump dir. Time to first step = the
             `created_at` of its metrics record for step 1 minus the launch time (torchrun start, imports,
             model build and init, resolve, data loader start, one step). It ends with a save of step 1.
-  - resume: the same command with steps=2 in the same dump dir, after evicting the checkpoint's files from the
+  - resume: the same command with steps=8 in the same dump dir, after evicting the checkpoint's files from the
             page cache (a restart rarely finds them cached): launch to the record of step 2, which includes
-            resolve (validation on every rank) and the DCP load of model + optimizer.
-Load, in one torchrun launch on the last checkpoint, alternating, both from a cold page cache:
+            resolve (validation on every rank, checksums in the background: checkpoint.verify=true, the default)
+            and the DCP load of model + optimizer. Its first step's time (`speed/step_time_s`, which includes
+            waiting for the first batch) against the median of steps 4-8.
+  - resume without checksums: the same from a copy of the dump dir with checkpoint.verify=false (the cost of
+            verifying by default).
+Load, in one torchrun launch on the last checkpoint, alternating, from a cold page cache and then warm:
   - load: lingua.checkpoint.load_model_optim (what the trainer's restore does) into a new model + optimizer
           (built untimed before each load, as a resuming trainer has them);
   - raw:  every rank reads its own files of that checkpoint with plain reads (the same bytes in total).
@@ -20,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -59,31 +64,41 @@ def run(ctx: common.BenchContext) -> dict:
     os.makedirs(work)
     env = common.bench_env(ctx.threads)
     log = os.path.join(work, "log.txt")
-    fresh, resumed, restore_s, cold = [], [], [], None
-    ctx.say(f"resume: {repeats} x (fresh start, resume) with torchrun x{ctx.nproc}")
+    steps = 4 if ctx.quick else 8
+    fresh, restore_s, cold = [], [], None
+    resumed, first_step, steady = {"verify": [], "noverify": []}, [], []
+    ctx.say(f"resume: {repeats} x (fresh start, resume, resume without checksums) with torchrun x{ctx.nproc}")
     dump = None
     for r in range(repeats):
         if dump:
             common.clean_dir(dump)
+            common.clean_dir(dump + "_noverify")
         dump = os.path.join(work, f"run_{r}")
-        base = ["config=" + config, f"dump_dir={dump}"]
-        start = common.run_logged(common.torchrun_cmd(ctx.nproc, "apps.main.train", base + ["steps=1"]), log, env,
-                                  timeout=900)
+        start = common.run_logged(common.torchrun_cmd(ctx.nproc, "apps.main.train",
+                                                      [f"config={config}", f"dump_dir={dump}", "steps=1"]),
+                                  log, env, timeout=900)
         fresh.append(_first_record(os.path.join(dump, "metrics.jsonl"))["created_at"] - start)
-        ckpt_dir = os.path.join(dump, "checkpoints", f"{1:010d}")
-        cold = common.drop_page_cache(_ckpt_files(ckpt_dir))
-        start = common.run_logged(common.torchrun_cmd(ctx.nproc, "apps.main.train", base + ["steps=2"]), log, env,
-                                  timeout=900)
-        with open(os.path.join(dump, "metrics.jsonl")) as f:
-            rec = [json.loads(line) for line in f][-1]
-        if rec["global_step"] != 2:
-            raise RuntimeError(f"resume run did not log step 2 (last record: step {rec['global_step']})")
-        resumed.append(rec["created_at"] - start)
-        t0 = _log_elapsed(os.path.join(dump, "train.log"), r"resuming from")
-        t1 = _log_elapsed(os.path.join(dump, "train.log"), r"resumed from")
-        restore_s.append(t1 - t0 if t0 is not None and t1 is not None else None)
-    # Load against raw read, in one launch, on the last run's checkpoint of step 2.
-    ckpt_dir = os.path.join(dump, "checkpoints", f"{2:010d}")
+        shutil.copytree(dump, dump + "_noverify")
+        kinds = [("verify", dump, []), ("noverify", dump + "_noverify", ["checkpoint.verify=false"])]
+        for name, d, extra in (kinds if r % 2 == 0 else kinds[::-1]):  # interleaved
+            cold = common.drop_page_cache(_ckpt_files(os.path.join(d, "checkpoints", f"{1:010d}")))
+            start = common.run_logged(
+                common.torchrun_cmd(ctx.nproc, "apps.main.train",
+                                    [f"config={config}", f"dump_dir={d}", f"steps={steps}", *extra]),
+                log, env, timeout=900)
+            with open(os.path.join(d, "metrics.jsonl")) as f:
+                recs = {rec["global_step"]: rec for rec in map(json.loads, f)}
+            if 2 not in recs:
+                raise RuntimeError(f"the resumed run did not log step 2 ({d})")
+            resumed[name].append(recs[2]["created_at"] - start)
+            if name == "verify":
+                first_step.append(recs[2]["speed/step_time_s"])
+                steady.append(common.median([recs[s]["speed/step_time_s"] for s in range(4, steps + 1)]))
+                t0 = _log_elapsed(os.path.join(d, "train.log"), r"resuming from")
+                t1 = _log_elapsed(os.path.join(d, "train.log"), r"resumed from")
+                restore_s.append(t1 - t0 if t0 is not None and t1 is not None else None)
+    # Load against raw read, in one launch, on the last run's final checkpoint.
+    ckpt_dir = os.path.join(dump, "checkpoints", f"{steps:010d}")
     out = os.path.join(work, "load.json")
     common.run_logged(
         common.torchrun_cmd(ctx.nproc, "apps.bench.resume_bench",
@@ -91,31 +106,61 @@ def run(ctx: common.BenchContext) -> dict:
                              "--repeats", str(repeats)]), log, env, timeout=900)
     load = common.read_json(out)
     nbytes = sum(os.path.getsize(p) for p in _ckpt_files(ckpt_dir))
+    resumed_from_step_1 = all(_log_elapsed(os.path.join(d, "train.log"), r"resumed from \S+ at step 1$") is not None
+                              for d in (dump, dump + "_noverify"))  # both resumed, neither started afresh
     common.clean_dir(work)
     return {
         "nproc": ctx.nproc,
         "fresh_start_to_first_step_s": common.median(fresh),
-        "resume_start_to_first_step_s": common.median(resumed),
-        "resume_vs_fresh": common.median([b / a for a, b in zip(fresh, resumed)]),
+        "resume_start_to_first_step_s": common.median(resumed["verify"]),
+        "resume_vs_fresh": common.median([b / a for a, b in zip(fresh, resumed["verify"])]),
+        "resume_no_checksums_s": common.median(resumed["noverify"]),
+        "verify_cost": common.median([a / b for a, b in zip(resumed["verify"], resumed["noverify"])]),
+        "first_resumed_step_s": common.median(first_step),
+        "steady_step_s": common.median(steady),
+        "first_step_vs_steady": common.median([f / s for f, s in zip(first_step, steady)]),
         "restore_in_trainer_s": common.median(restore_s),
         "ckpt_bytes": nbytes,
         "load_s": common.median(load["load_s"]),
         "raw_read_s": common.median(load["raw_s"]),
         "load_vs_raw_read": common.median([ld / rw for ld, rw in zip(load["load_s"], load["raw_s"])]),
+        "load_warm_s": common.median(load["load_warm_s"]),
+        "raw_read_warm_s": common.median(load["raw_warm_s"]),
+        "load_vs_raw_read_warm": common.median([ld / rw for ld, rw in zip(load["load_warm_s"], load["raw_warm_s"])]),
         "cold_cache": cold and load["cold"],
-        "runs": {"fresh": fresh, "resumed": resumed, "restore_in_trainer": restore_s, "load": load["load_s"],
-                 "raw_read": load["raw_s"]},
+        "raw_read_bytes": load["read_bytes"],
+        "resumed_from_step_1": resumed_from_step_1,
+        "runs": {"fresh": fresh, "resumed": resumed, "first_step": first_step, "steady_step": steady,
+                 "restore_in_trainer": restore_s, "load": load["load_s"], "raw_read": load["raw_s"],
+                 "load_warm": load["load_warm_s"], "raw_read_warm": load["raw_warm_s"]},
     }
+
+
+TARGET_RESUME = "<= 1.0"  # resumed start -> first step / fresh start -> first step
+TARGET_FIRST_STEP = "<= 1.2"  # first resumed step / a steady step
+TARGET_LOAD = "<= 1.5"  # checkpoint load / raw read of the same bytes
 
 
 def rows(res: dict) -> list:
     cache = "cold cache" if res.get("cold_cache") else "page cache not dropped"
+    mb = f"{res['ckpt_bytes'] / 1e6:.0f} MB"
     return [
         common.Row("resume", "process start -> first step, resumed", res["resume_start_to_first_step_s"], "s",
-                   res["fresh_start_to_first_step_s"], "fresh start", res["resume_vs_fresh"]),
+                   res["fresh_start_to_first_step_s"], "fresh start", res["resume_vs_fresh"], TARGET_RESUME,
+                   common.check(res["resume_vs_fresh"], TARGET_RESUME)),
         common.Row("resume", "  of which: checkpoint chosen -> restored (train.log)", res["restore_in_trainer_s"], "s"),
+        common.Row("resume", "  with checksums verified (default) vs checkpoint.verify=false",
+                   res["resume_start_to_first_step_s"], "s", res["resume_no_checksums_s"], "verify=false",
+                   res["verify_cost"]),
+        common.Row("resume", "first step after the resume (incl. its first batch)", res["first_resumed_step_s"], "s",
+                   res["steady_step_s"], "steady step", res["first_step_vs_steady"], TARGET_FIRST_STEP,
+                   common.check(res["first_step_vs_steady"], TARGET_FIRST_STEP)),
         common.Row("resume", f"checkpoint load ({cache})", res["load_s"], "s", res["raw_read_s"],
-                   f"raw read of {res['ckpt_bytes'] / 1e6:.0f} MB", res["load_vs_raw_read"]),
+                   f"raw read of {mb}", res["load_vs_raw_read"], TARGET_LOAD,
+                   common.check(res["load_vs_raw_read"], TARGET_LOAD)),
+        common.Row("resume", "checkpoint load (warm cache)", res["load_warm_s"], "s", res["raw_read_warm_s"],
+                   f"raw read of {mb}, warm", res["load_vs_raw_read_warm"], TARGET_LOAD,
+                   common.check(res["load_vs_raw_read_warm"], TARGET_LOAD)),
     ]
 
 
@@ -137,6 +182,7 @@ def _raw_read(paths: list, chunk: int = 64 << 20) -> int:
 
 
 def worker(a) -> int:
+    import torch
     import torch.distributed as dist
 
     from apps.main.train import load_train_config
@@ -159,10 +205,11 @@ def worker(a) -> int:
     mine = [p for p in files if os.path.basename(p).startswith(f"__{rank}_")]
     if rank == 0:
         mine += [p for p in files if not os.path.basename(p).startswith("__")]
-    res = {"load_s": [], "raw_s": [], "cold": True}
+    res = {"load_s": [], "raw_s": [], "load_warm_s": [], "raw_warm_s": [], "cold": True, "read_bytes": 0}
+    read = []  # bytes each raw read of this rank got
 
-    def timed(fn):
-        if rank == 0:
+    def timed(fn, cold=True):
+        if rank == 0 and cold:
             res["cold"] = common.drop_page_cache(files) and res["cold"]
         dist.barrier(group=group)
         t = time.perf_counter()
@@ -173,12 +220,16 @@ def worker(a) -> int:
     for r in range(a.repeats):
         order = ["load", "raw"] if r % 2 == 0 else ["raw", "load"]
         for kind in order:
-            if kind == "load":
-                model, optimizer = fresh()
-                res["load_s"].append(timed(lambda: load_model_optim(a.ckpt, model, optimizer)))
-                del model, optimizer
-            else:
-                res["raw_s"].append(timed(lambda: _raw_read(mine)))
+            for cold, suffix in ((True, "_s"), (False, "_warm_s")):  # the cold read leaves the files cached
+                if kind == "load":
+                    model, optimizer = fresh()
+                    res["load" + suffix].append(timed(lambda: load_model_optim(a.ckpt, model, optimizer), cold))
+                    del model, optimizer
+                else:
+                    res["raw" + suffix].append(timed(lambda: read.append(_raw_read(mine)), cold))
+    t = torch.tensor([read[-1]], dtype=torch.int64)
+    dist.all_reduce(t, group=group)
+    res["read_bytes"] = int(t.item())  # the raw baseline read every byte of the checkpoint
     if rank == 0:
         common.write_json(a.out, res)
     dist.destroy_process_group()

@@ -1,11 +1,12 @@
 """Run the benchmarks, print one table, write JSON.
 
-    python -m apps.bench.run [--only train,ckpt,resume,data,scaling] [--out bench.json] [--quick]
+    python -m apps.bench.run [--only train,scaling,ckpt,ckpt_scaling,resume,data] [--out bench.json] [--quick]
 
 Parts (each a ratio against a baseline measured in the same run; see docs/benchmarks.md):
   train    the trainer's tokens/s against a plain FSDP2 loop (2 processes), MFU against a measured matmul peak
   scaling  the same with 1, 2, ... processes
   ckpt     checkpoint save (sync, async) against raw write + fsync of the same bytes
+  ckpt_scaling  the ckpt and load measurements at ~10M, ~60M and ~250M parameters
   resume   process start -> first step when resuming vs a fresh start; checkpoint load vs raw read
   data     the data loader (apps/bench/data_bench.py) and its headroom over what the trainer consumes
 A part that fails is reported in the JSON (and the exit code is 1); the others still run.
@@ -21,9 +22,10 @@ import traceback
 
 from apps.bench import common
 
-PARTS = ("train", "scaling", "ckpt", "resume", "data")
+PARTS = ("train", "scaling", "ckpt", "ckpt_scaling", "resume", "data")
 MODULES = {"train": "apps.bench.train_bench", "scaling": "apps.bench.scaling_bench", "ckpt": "apps.bench.ckpt_bench",
-           "resume": "apps.bench.resume_bench", "data": "apps.bench.data_bench"}
+           "ckpt_scaling": "apps.bench.ckpt_scaling_bench", "resume": "apps.bench.resume_bench",
+           "data": "apps.bench.data_bench"}
 
 
 def data_vs_trainer(data_res: dict, train_res: dict) -> dict:
