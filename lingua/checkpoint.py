@@ -36,6 +36,7 @@ import random
 import shutil
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -71,7 +72,7 @@ from lingua.checkpoint_format import (  # noqa: F401 (the format, re-exported: l
     unpin,
 )
 from lingua.distributed import all_agree, broadcast_object, gather_objects
-from lingua.files import dir_size, fsync_dir, fsync_file, write_json
+from lingua.files import dir_size, fsync_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if name in _METADATA_CLASSES.get(module, ()):
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        if module == "torch" and isinstance(getattr(torch, name, None),
+                                            (torch.dtype, torch.layout, torch.memory_format)):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not part of DCP checkpoint metadata)")
 
@@ -139,7 +141,8 @@ def read_metadata(ckpt_dir: str):
     except FileNotFoundError:
         raise CheckpointError(f"{ckpt_dir}: no DCP metadata ({METADATA_FILE})") from None
     except Exception as e:  # noqa: BLE001 (garbled bytes raise anything from UnpicklingError to MemoryError)
-        raise CheckpointError(f"{ckpt_dir}: DCP metadata {METADATA_FILE} is unreadable ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{ckpt_dir}: DCP metadata {METADATA_FILE} is unreadable "
+                              f"({type(e).__name__}: {e})") from None
 
 
 class _TrustedReader(dcp.FileSystemReader):
@@ -228,15 +231,65 @@ def _save_planner():
     return DefaultSavePlanner(enable_plan_caching=True)
 
 
-def describe_files(folder: str, names: list, checksums: bool) -> dict:
-    """{name: {size, crc32?}} for files this rank wrote (fsynced first: the record must not lie)."""
+class _Crc32Stream:
+    """A file that keeps the crc32 of the bytes written through it (DCP and torch.save only append), so that a
+    checkpoint's checksums come from the write itself instead of reading every file back."""
+
+    def __init__(self, f):
+        self._f = f
+        self.crc = 0
+
+    def write(self, data) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _crc_writer(path: str, crcs: dict, background: bool = False):
+    """DCP's file writer (fsyncs every file it writes) recording the crc32 of each file into `crcs`. `background`
+    (async saves): the thread that writes runs at the lowest CPU priority, so that on a busy machine the write
+    takes the time training leaves free instead of slowing the steps it overlaps (the state was copied already)."""
+    from contextlib import contextmanager
+
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class CrcFileSystem(FileSystem):
+        @contextmanager
+        def create_stream(self, p, mode):
+            with super().create_stream(p, mode) as f:
+                if "w" not in mode:
+                    yield f
+                    return
+                stream = _Crc32Stream(f)
+                yield stream
+                name = os.path.basename(str(p))
+                crcs[name[:-4] if name.endswith(".tmp") else name] = stream.crc  # DCP renames .metadata.tmp
+
+    class Writer(dcp.FileSystemWriter):
+        def write_data(self, plan, planner):
+            if background:
+                try:  # Linux: nice applies per thread
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+                except (AttributeError, OSError):
+                    pass
+            return super().write_data(plan, planner)
+
+    writer = Writer(path, sync_files=True)
+    writer.fs = CrcFileSystem()
+    return writer
+
+
+def describe_files(folder: str, names: list, checksums: bool, crcs: Optional[dict] = None) -> dict:
+    """{name: {size, crc32?}} for files this rank wrote, all already fsynced (DCP's writer and atomic_write do
+    it). The crc32 of a file written through `_crc_writer` is taken from `crcs`; others are read back."""
     out = {}
     for name in names:
         path = os.path.join(folder, name)
-        fsync_file(path)
         entry = {"size": os.path.getsize(path)}
         if checksums:
-            entry["crc32"] = file_crc32(path)
+            entry["crc32"] = crcs[name] if crcs and name in crcs else file_crc32(path)
         out[name] = entry
     return out
 
@@ -367,7 +420,8 @@ def check_shapes(ckpt_dir: str, state: dict) -> None:
     wanted = {key: value for key, value in _flatten(state, "") if isinstance(value, torch.Tensor)}
     for key, value in wanted.items():
         if key not in metadata:
-            raise CheckpointError(f"{ckpt_dir} has no entry '{key}': it was saved by a different model or optimizer {hint}")
+            raise CheckpointError(f"{ckpt_dir} has no entry '{key}': "
+                                  f"it was saved by a different model or optimizer {hint}")
         saved = list(getattr(metadata[key], "size", []))
         if saved and saved != list(value.shape):
             raise CheckpointError(
@@ -549,7 +603,8 @@ class CheckpointManager:
             wanted = [c for c in self._candidates if c[0] == load_step]
             if not wanted:
                 have = ", ".join(str(s) for s, _ in self._candidates) or "none"
-                raise CheckpointError(f"checkpoint.load_step={load_step}: no such checkpoint in {self.root} (have: {have})")
+                raise CheckpointError(f"checkpoint.load_step={load_step}: no such checkpoint in {self.root} "
+                                      f"(have: {have})")
             self._candidates = wanted
         self._rejected = []
         return self._next_candidate(background_checksums=True)
@@ -651,15 +706,7 @@ class CheckpointManager:
         if path is None:
             return None
         load_model_optim(path, model, optimizer)
-        saved_dp = int(read_commit(path)["dp_world_size"])
-        if saved_dp == self.dist.dp_world_size:
-            sd = read_train_state(path, self.dist.dp_rank)
-            if self.args.reset_data_state:
-                sd["data"] = None
-        else:
-            sd = TrainState.reshard([read_train_state(path, r) for r in range(saved_dp)], self.dist.dp_rank,
-                                    self.dist.dp_world_size, self.args.reset_data_state)
-        train_state.load_state_dict(sd)
+        train_state.load_state_dict(self.train_state_dict(path))
         if self.args.reset_data_state:
             logger.warning("checkpoint.reset_data_state=true: the data stream restarts from the beginning")
         self.resumed_from = train_state.step
@@ -669,6 +716,19 @@ class CheckpointManager:
         dist.barrier(group=self.group)
         logger.info(f"resumed from {path} at step {train_state.step}")
         return path
+
+    def train_state_dict(self, path: str) -> dict:
+        """This rank's saved train state in `path`: its own file, or, when the data-parallel layout changed, the
+        states of every old rank dealt out to this layout (TrainState.reshard). JSON only: cheap, so the trainer
+        reads it early to start its data loader while the model is built."""
+        saved_dp = int(read_commit(path)["dp_world_size"])
+        if saved_dp == self.dist.dp_world_size:
+            sd = read_train_state(path, self.dist.dp_rank)
+            if self.args.reset_data_state:
+                sd["data"] = None
+            return sd
+        return TrainState.reshard([read_train_state(path, r) for r in range(saved_dp)], self.dist.dp_rank,
+                                  self.dist.dp_world_size, self.args.reset_data_state)
 
     def committed(self, step: int) -> Optional[str]:
         """The folder of `step`'s checkpoint once it is committed (waits for an in-flight save), else None."""
@@ -740,13 +800,15 @@ class CheckpointManager:
             error = f"rank {self.rank}: {e}"
         if not all_agree(error is None, self.group):
             return self._abandon(staging, error or "another rank failed to write its train state")
+        crcs: dict = {}
         if self.args.async_save:
-            return self._start_async(step, staging, state, own_files, kinds, t0)
+            return self._start_async(step, staging, state, own_files, kinds, t0, crcs)
         try:
             with _NoRecordCrc32():
-                dcp.save(state, checkpoint_id=staging, process_group=self.group, planner=_save_planner())
+                dcp.save(state, storage_writer=_crc_writer(staging, crcs), process_group=self.group,
+                         planner=_save_planner())
             faults.point("save.after_shards", step)
-            files = describe_files(staging, own_files + self._dcp_files(staging), self.args.checksums)
+            files = describe_files(staging, own_files + self._dcp_files(staging), self.args.checksums, crcs)
             error = None
         except (Exception, CheckpointException) as e:  # ENOSPC, I/O errors, a peer's failure
             files, error = {}, f"rank {self.rank}: {type(e).__name__}: {e}"
@@ -762,7 +824,7 @@ class CheckpointManager:
             names.append(METADATA_FILE)
         return names
 
-    def _start_async(self, step, staging, state, own_files, kinds, t0) -> bool:
+    def _start_async(self, step, staging, state, own_files, kinds, t0, crcs) -> bool:
         # The copy of the state (staging) runs in the background too; the trainer calls wait_staged() before
         # the next optimizer step changes the state. One stager for the run: its buffers are reused by every
         # save (at most one in flight), so a save does not allocate (or pin) a new copy each time.
@@ -774,7 +836,8 @@ class CheckpointManager:
                                                         use_async_staging=True, use_non_blocking_copy=cuda))
         no_crc = _NoRecordCrc32().__enter__()  # until the background write is done (in finish)
         try:
-            fut = dcp.async_save(state, checkpoint_id=staging, process_group=self.async_group,
+            fut = dcp.async_save(state, storage_writer=_crc_writer(staging, crcs, background=True),
+                                 process_group=self.async_group,
                                  async_stager=self._stager, planner=_save_planner())
         except BaseException:
             no_crc.__exit__(None, None, None)
@@ -790,7 +853,7 @@ class CheckpointManager:
                 fut.result()
                 faults.point("save.after_shards", step)
                 flight.result["files"] = describe_files(
-                    staging, own_files + self._dcp_files(staging), self.args.checksums
+                    staging, own_files + self._dcp_files(staging), self.args.checksums, crcs
                 )
             except (Exception, CheckpointException) as e:
                 flight.result["error"] = f"rank {self.rank}: {type(e).__name__}: {e}"
@@ -817,10 +880,12 @@ class CheckpointManager:
         if self.in_flight is not None:
             self.in_flight.blocked_s += time.time() - t
 
-    def poll(self) -> None:
-        """Commit the async save if every rank has finished writing (a collective: call on all ranks)."""
+    def poll(self) -> bool:
+        """Commit the async save if every rank has finished writing (a collective: call on all ranks). True when no
+        save is in flight any more."""
         if self.in_flight is not None and all_agree(not self.in_flight.thread.is_alive(), self.group):
             self._finish_async()
+        return self.in_flight is None
 
     def wait(self) -> bool:
         """Block until the in-flight async save is written and committed (before exit, before a new save).

@@ -302,14 +302,16 @@ from lingua.distributed import DistributedArgs, setup_torch_distributed
 from lingua.optim import OptimArgs, build_optimizer
 from lingua.transformer import LMTransformerArgs, build_model
 events = []
-real_fsync, real_replace = os.fsync, os.replace
+real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
 def fsync(fd):
     events.append(("fsync", os.readlink(f"/proc/self/fd/{{fd}}")))
     real_fsync(fd)
-def replace(a, b):
-    events.append(("rename", str(a), str(b)))
-    real_replace(a, b)
-os.fsync, os.replace = fsync, replace
+def renamer(real):
+    def rename(a, b):
+        events.append(("rename", str(a), str(b)))
+        real(a, b)
+    return rename
+os.fsync, os.replace, os.rename = fsync, renamer(real_replace), renamer(real_rename)
 state = setup_torch_distributed(DistributedArgs())
 model = build_model(LMTransformerArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, multiple_of=16), state,
                     DistributedArgs(), init=True)
@@ -334,9 +336,10 @@ def test_staging_folder_is_fsynced_before_its_rename(tmp_path):
     publish = events.index(("rename", staging, final))
     before = events[:publish]
     assert ("fsync", staging) in before, "the staging folder was not fsynced before it was renamed"
-    for name in os.listdir(final):  # every file of the checkpoint was fsynced before the rename
-        if name != "COMMIT.json":  # written last, through lingua.files.atomic_write (fsynced under its temp name)
-            assert ("fsync", os.path.join(staging, name)) in before, name
+    for name in os.listdir(final):  # every file of the checkpoint was fsynced before the rename: under its own
+        path = os.path.join(staging, name)  # name, or under the temp name it was renamed from (atomic_write)
+        temps = [e[1] for e in before if e[0] == "rename" and e[2] == path]
+        assert any(("fsync", p) in before for p in [path, *temps]), name
     assert ("fsync", root) in events[publish:]  # and the parent after
 
 

@@ -8,6 +8,7 @@
 forward/backward, the optimizer step, the metrics, the checkpoint (and preemption), the eval.
 """
 
+import contextlib
 import datetime
 import gc
 import logging
@@ -74,7 +75,7 @@ class TrainArgs:
     logging: LoggingArgs = field(default_factory=LoggingArgs)  # console / metrics.jsonl / wandb
     profiling: ProfilerArgs = field(default_factory=ProfilerArgs)  # torch.profiler traces of a few steps
     eval: Optional[EvalArgs] = None  # what to evaluate at checkpoint.eval.every steps (docs/eval.md); null = no evals
-    async_eval_gpus: Optional[int] = None  # unset: evals run inline on the training ranks; N: as SLURM jobs, N GPUs/node (0 = CPU)
+    async_eval_gpus: Optional[int] = None  # unset: evals inline on training ranks; N: SLURM jobs, N GPUs/node (0 = CPU)
 
     def validate(self):
         """Checks that need no process group (run before any is created)."""
@@ -172,10 +173,12 @@ class Trainer:
         self.preemption = PreemptionHandler().install(watch_parent=env.launcher == "torchrun")
         self.dist = setup_torch_distributed(args.distributed)
         self.lock = hold_dump_dir(args.dump_dir, self.dist)
+        self._data = contextlib.ExitStack()  # the data loader (started early in _setup)
+        self._data_started: Optional[dict] = None
         try:
             self._setup()
         except BaseException:
-            self.lock.release()
+            self.abort()
             raise
 
     def _setup(self) -> None:
@@ -190,15 +193,20 @@ class Trainer:
         if args.model.vocab_size < 0:
             args.model.vocab_size = tokenizer.n_words
         elif args.model.vocab_size < tokenizer.n_words:
-            raise ConfigError(f"model.vocab_size ({args.model.vocab_size}) < tokenizer vocabulary ({tokenizer.n_words})")
+            raise ConfigError(f"model.vocab_size ({args.model.vocab_size}) < "
+                              f"tokenizer vocabulary ({tokenizer.n_words})")
         self.config = config_to_dict(args)
 
         layout = {"batch_size": args.data.batch_size, "grad_acc_steps": args.grad_acc_steps,
                   "global_batch": args.data.batch_size * args.grad_acc_steps * self.dist.dp_world_size}
         self.ckpt = CheckpointManager(args.checkpoint, args.dump_dir, self.dist, self.config, layout)
         self.ckpt.prepare()
-        self.ckpt.resolve()
+        resolved = self.ckpt.resolve()
         faults.point("startup.after_resolve")
+        # The data loader starts now, from the resolved checkpoint's data state, so that its first batches are ready
+        # by the time the model is built and loaded (it is restarted if the load falls back to another state).
+        early = self.ckpt.train_state_dict(resolved) if resolved else {"step": 0, "data": None}
+        self.start_data(early["data"] if early["step"] < args.steps else None, early["step"] < args.steps)
         # Parameters are initialised only if nothing is resumed: a resume loads every one of them.
         self.model = build_model(args.model, self.dist, args.distributed)
         self.n_params = num_params(self.model)
@@ -218,6 +226,8 @@ class Trainer:
         if self.state.data is None:
             self.state.data = init_dataloader_state(args.data, self.dist.dp_rank, self.dist.dp_world_size,
                                                     args.grad_acc_steps)
+        if self.state.data != self._data_started and not self.finished:
+            self.start_data(self.state.data)  # the load fell back to another checkpoint, or started fresh
         faults.point("startup.after_load")
 
         self.metric_logger: Optional[MetricLogger] = None
@@ -228,6 +238,24 @@ class Trainer:
         self.peak_flops = gpu_peak_flops(self.dist.device)
         self.window = (time.time(), 0)  # start and tokens of the current logging window
         self.steps_per_s: Optional[float] = None  # of the last logging window (for the disk forecast)
+
+    def start_data(self, data: Optional[dict], run: bool = True) -> None:
+        """(Re)start the data loader at `data` (None: a fresh stream); its micro-batches are `self.batches`."""
+        self._data.close()
+        self._data = contextlib.ExitStack()
+        if data is None:
+            data = init_dataloader_state(self.args.data, self.dist.dp_rank, self.dist.dp_world_size,
+                                         self.args.grad_acc_steps)
+        self._data_started = data
+        if run:
+            self.batches = self._data.enter_context(build_dataloader(
+                self.args.data, data, dp_rank=self.dist.dp_rank, dp_world_size=self.dist.dp_world_size,
+                grad_acc_steps=self.args.grad_acc_steps))
+
+    def abort(self) -> None:
+        """After an error: stop the data loader and release the dump dir (no final save)."""
+        self._data.close()
+        self.lock.release()
 
     @property
     def finished(self) -> bool:
@@ -364,7 +392,7 @@ class Trainer:
             self.metric_logger.close()
         if self.trace:
             self.trace.close()
-        self.lock.release()
+        self.abort()
         if self.finished and self.final_saved:
             logger.info(f"training complete at step {self.state.step}")
         elif self.finished:
@@ -381,12 +409,10 @@ def train(args: TrainArgs) -> int:
     trainer.start_logging()
     gc.disable()
     try:
-        with build_dataloader(args.data, trainer.state.data, dp_rank=trainer.dist.dp_rank,
-                              dp_world_size=trainer.dist.dp_world_size, grad_acc_steps=args.grad_acc_steps) as batches, \
-                maybe_profile(args.profiling, args.dump_dir, trainer.dist.env.rank, trainer.state.step) as profiler_step:
+        with maybe_profile(args.profiling, args.dump_dir, trainer.dist.env.rank, trainer.state.step) as profiler_step:
             while not trainer.finished:
                 step_start = time.time()
-                loss, grad_norm = trainer.train_step(batches)
+                loss, grad_norm = trainer.train_step(trainer.batches)
                 profiler_step()
                 if trainer.state.step % args.gc_collect_freq == 0:
                     gc.collect()
@@ -395,7 +421,7 @@ def train(args: TrainArgs) -> int:
                 if trainer.checkpoint():
                     break
     except BaseException:
-        trainer.lock.release()
+        trainer.abort()
         raise
     finally:
         gc.enable()
