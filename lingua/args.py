@@ -128,7 +128,8 @@ def load_config(cls: Type[T], config_path: Optional[str] = None, overrides: Sequ
             conf = OmegaConf.merge(conf, OmegaConf.create(layer))
         obj = OmegaConf.to_object(conf)
     except MissingMandatoryValue as e:
-        raise ConfigError(f"missing required config value '{e.full_key}' (set it in the YAML or as {e.full_key}=...)") from None
+        raise ConfigError(f"missing required config value '{e.full_key}' "
+                          f"(set it in the YAML or as {e.full_key}=...)") from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).split("\n")[0]

@@ -316,8 +316,9 @@ class Drill:
         if self.elastic_nproc is None:
             lines.append("  (no change of the number of processes: the mesh is explicit, or no other size keeps the "
                          "global batch)")
-        lines.append(f"comparison: losses and final weights {'bitwise' if self.tolerance == 0 else f'within {self.tolerance:g} relative'}"
-                     f"{f' (within {self.opts.layout_tolerance:g} after the layout change)' if self.elastic_nproc else ''}, "
+        agreement = "bitwise" if self.tolerance == 0 else f"within {self.tolerance:g} relative"
+        layout_note = f" (within {self.opts.layout_tolerance:g} after the layout change)" if self.elastic_nproc else ""
+        lines.append(f"comparison: losses and final weights {agreement}{layout_note}, "
                      "data stream, steps logged once, wandb id, stray files, orphan processes")
         lines.append(f"expected time: about {len(self.faults) + 3} launches (start-up each) and "
                      f"{2 + len(self.faults) * 0.1:.1f} x the time of {self.steps} steps")

@@ -94,7 +94,8 @@ def why_dead(holder: dict) -> Optional[str]:
         return None
     job = holder.get("slurm_job_id")
     if job and job == me["slurm_job_id"] and holder.get("slurm_restart", 0) < me["slurm_restart"]:
-        return f"it was restart {holder.get('slurm_restart', 0)} of this SLURM job, now at restart {me['slurm_restart']}"
+        return (f"it was restart {holder.get('slurm_restart', 0)} of this SLURM job, "
+                f"now at restart {me['slurm_restart']}")
     if job and job != me["slurm_job_id"] and _slurm_job_running(job) is False:
         return f"its SLURM job {job} is no longer running"
     if holder.get("age_s", 0.0) > STALE_S:
@@ -154,7 +155,8 @@ class DumpDirLock:
                     os.replace(moved, self.path)
                     continue
                 os.remove(moved)
-                logger.warning(f"taking over the lock of {self.dump_dir} from a dead run ({describe(holder)}: {reason})")
+                logger.warning(f"taking over the lock of {self.dump_dir} "
+                               f"from a dead run ({describe(holder)}: {reason})")
             else:
                 raise LockError(f"could not take the lock {self.path} (contended); try again")
         finally:

@@ -48,7 +48,8 @@ class _FileHandler(logging.FileHandler):
 
     def handleError(self, record: logging.LogRecord) -> None:
         logging.getLogger().removeHandler(self)
-        sys.stderr.write(f"log file {self.baseFilename} is not writable any more (disk full?); logging to the console only\n")
+        sys.stderr.write(f"log file {self.baseFilename} is not writable any more (disk full?); "
+                         "logging to the console only\n")
 
 
 def add_log_file(path: str) -> None:

@@ -26,7 +26,7 @@ class WandbMode(Choice):
 class WandbArgs:
     project: str = "lingua"  # wandb project
     entity: Optional[str] = None  # wandb team / user
-    mode: WandbMode = WandbMode.offline  # online | offline | disabled (offline needs no network; `wandb sync` uploads later)
+    mode: WandbMode = WandbMode.offline  # online | offline | disabled (offline: no network; `wandb sync` uploads later)
     tags: list = field(default_factory=list)  # run tags
     group: Optional[str] = None  # run group
     dir: Optional[str] = None  # where wandb writes its files; default <dump_dir>
@@ -100,7 +100,8 @@ def gpu_peak_flops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("A10", 125e12), ("L4", 121e12), ("V100", 125e12)):
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("A10", 125e12), ("L4", 121e12),
+                       ("V100", 125e12)):
         if key in name:
             return flops
     return None

@@ -332,7 +332,8 @@ def render_submit_script(args: StoolArgs, dump_dir: str, workdir: str, code_dir:
         "set -o pipefail",
         python_env_activation().rstrip("\n") or None,
         f"PYTHON={py}",
-        f"export PYTHONPATH={q(code_dir)}${{PYTHONPATH:+:$PYTHONPATH}}" if code_dir else "# copy_code=false: code from the working dir",
+        (f"export PYTHONPATH={q(code_dir)}${{PYTHONPATH:+:$PYTHONPATH}}" if code_dir
+         else "# copy_code=false: code from the working dir"),
         f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{args.ncpu}}}",
         f"cd {q(workdir)} || exit 1",
         f"LOGS={q(logs)}",
@@ -552,7 +553,8 @@ def submit_in_background(script: str, config, job_dir: str, options: dict, what:
             job = m.group(1) if m else None
             write_json(os.path.join(job_dir, "launched.json"),
                        {**record, "job_id": job, "launched_at": time.time(), "command": cmd})
-            logger.info(f"{what} submitted as job {job} (resubmit with: sbatch {os.path.join(job_dir, 'submit.slurm')})")
+            logger.info(f"{what} submitted as job {job} "
+                        f"(resubmit with: sbatch {os.path.join(job_dir, 'submit.slurm')})")
         except Exception as e:  # noqa: BLE001 (never reaches the caller)
             if on_failure is not None:
                 on_failure()
@@ -563,7 +565,8 @@ def submit_in_background(script: str, config, job_dir: str, options: dict, what:
     return thread
 
 
-USAGE = """usage: python -m lingua.stool script=apps.main.train config=<yaml> partition=<p> [option=value ...] [-- key=value ...]
+USAGE = """usage: python -m lingua.stool script=apps.main.train config=<yaml> partition=<p> [option=value ...]
+                              [-- key=value ...]
 
 Options (see StoolArgs in lingua/stool.py):
 """ + "\n".join(f"  {f.name}" for f in dataclasses.fields(StoolArgs)) + """

@@ -36,7 +36,7 @@ TOKENIZER_NAMES = tuple(n.value for n in TokenizerName)
 
 @dataclass
 class TokenizerArgs:
-    name: TokenizerName = TokenizerName.bytes  # which tokenizer: bytes (built in, 258 ids) | sp (sentencepiece) | tiktoken (BPE rank file)
+    name: TokenizerName = TokenizerName.bytes  # bytes (built in, 258 ids) | sp (sentencepiece) | tiktoken (BPE ranks)
     path: Optional[str] = None  # local model file for sp (.model) or tiktoken (.tiktoken rank file); unused for bytes
 
 
@@ -103,13 +103,15 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             import sentencepiece as spm
         except ImportError:  # pragma: no cover - depends on the install
-            raise ConfigError("data.tokenizer.name=sp needs the sentencepiece package: pip install sentencepiece") from None
+            raise ConfigError("data.tokenizer.name=sp needs the sentencepiece package: "
+                              "pip install sentencepiece") from None
         self.path = path
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(path)
         except (OSError, RuntimeError) as e:
-            raise ConfigError(f"data.tokenizer.path '{path}' is not a readable sentencepiece model: {e}".replace("\n", " ")) from None
+            msg = f"data.tokenizer.path '{path}' is not a readable sentencepiece model: {e}"
+            raise ConfigError(msg.replace("\n", " ")) from None
         self.n_words = int(self.sp.vocab_size())
         self.bos_id = int(self.sp.bos_id())
         self.eos_id = int(self.sp.eos_id())
@@ -148,12 +150,13 @@ def load_tiktoken_ranks(path: str) -> dict:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except Exception:
-                raise ConfigError(f"data.tokenizer.path '{path}' line {lineno} is not '<base64 token> <rank>'") from None
+                raise ConfigError(f"data.tokenizer.path '{path}' line {lineno} "
+                                  "is not '<base64 token> <rank>'") from None
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise ConfigError(
-            f"data.tokenizer.path '{path}' lacks {len(missing)} of the 256 single-byte tokens (e.g. byte {missing[0]}); "
-            "a byte-level BPE rank file needs all of them"
+            f"data.tokenizer.path '{path}' lacks {len(missing)} of the 256 single-byte tokens "
+            f"(e.g. byte {missing[0]}); a byte-level BPE rank file needs all of them"
         )
     if len(set(ranks.values())) != len(ranks):
         raise ConfigError(f"data.tokenizer.path '{path}' has duplicate ranks")

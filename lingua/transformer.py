@@ -42,8 +42,8 @@ class BaseTransformerArgs:
     rope_theta: float = 10000.0  # rotary embedding base
     max_seqlen: int = 1024  # longest sequence the rotary table covers
     init_base_std: Optional[float] = None  # std of weight init; default dim ** -0.5
-    init_std_factor: InitStdFactor = InitStdFactor.disabled  # disabled | current_depth: scale output projections by depth
-    attn_impl: AttnImpl = AttnImpl.sdpa  # sdpa (torch scaled_dot_product_attention) | xformers (CUDA + xformers only) | auto
+    init_std_factor: InitStdFactor = InitStdFactor.disabled  # disabled | current_depth: depth-scaled output projections
+    attn_impl: AttnImpl = AttnImpl.sdpa  # sdpa (torch scaled_dot_product_attention) | xformers (CUDA + xformers) | auto
 
     def validate(self):
         if self.n_heads is None and self.head_dim is None:

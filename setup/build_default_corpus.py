@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the default training corpus from what every machine has: the installed Python standard library.
 
-    python setup/build_default_corpus.py            # -> data/default/stdlib/stdlib.chunk.00.jsonl ... + stdlib.val.jsonl
+    python setup/build_default_corpus.py    # -> data/default/stdlib/stdlib.chunk.00.jsonl ... + stdlib.val.jsonl
 
 No network. Documents (about 3-4 MB of English text in all, from ~700 modules):
   - per module: its docstring; per top-level class: the class and method docstrings with signatures; per
@@ -137,14 +137,16 @@ def iter_corpus(stdlib: str, max_files: Optional[int] = None) -> Iterator[str]:
 
 def main(argv: Optional[List[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join(REPO_ROOT, "data", "default"), help="output root (default: <repo>/data/default)")
+    p.add_argument("--out", default=os.path.join(REPO_ROOT, "data", "default"),
+                   help="output root (default: <repo>/data/default)")
     p.add_argument("--source", default="stdlib", help="source name (default stdlib)")
     p.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"], help="standard library folder to read")
     p.add_argument("--n-chunks", type=int, default=8, help="chunk files (default 8)")
     p.add_argument("--val-fraction", type=float, default=0.02, help="held-out fraction (default 0.02)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
     p.add_argument("--max-files", type=int, default=None, help="read only the first N modules (fast tests)")
-    p.add_argument("--overwrite", action="store_true", help="rebuild if it exists (otherwise an existing corpus is kept)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild if it exists (otherwise an existing corpus is kept)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     a = p.parse_args(argv)
     final = os.path.join(a.out, a.source)

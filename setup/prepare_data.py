@@ -154,7 +154,8 @@ def _iter_jsonl(path: str, text_field: Optional[str], skip_bad: bool, stats: Sta
                 if skip_bad:
                     stats.bad_lines += 1
                     continue
-                raise PrepareError(f"{path}:{lineno}: {e} (use --skip-bad-lines to skip and count such lines)") from None
+                raise PrepareError(f"{path}:{lineno}: {e} "
+                                   "(use --skip-bad-lines to skip and count such lines)") from None
             if text is None:
                 continue
             if not text.strip():
@@ -173,7 +174,8 @@ def _iter_text(path: str, unit: str, skip_bad: bool, stats: Stats) -> Iterator[b
             if skip_bad:
                 stats.bad_lines += 1
                 return
-            raise PrepareError(f"{path}: not valid UTF-8 (byte {e.start}); use --skip-bad-lines to skip such files") from None
+            raise PrepareError(f"{path}: not valid UTF-8 (byte {e.start}); "
+                               "use --skip-bad-lines to skip such files") from None
         if text.strip():
             yield _text_record(text)
         else:
@@ -188,7 +190,8 @@ def _iter_text(path: str, unit: str, skip_bad: bool, stats: Stats) -> Iterator[b
                 if skip_bad:
                     stats.bad_lines += 1
                     continue
-                raise PrepareError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start}); use --skip-bad-lines to skip such lines") from None
+                raise PrepareError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start}); "
+                                   "use --skip-bad-lines to skip such lines") from None
             if line.strip():
                 paragraph.append(line)
             elif paragraph:
@@ -371,7 +374,8 @@ def prepare_documents(
         def drain(path: str, nbytes: int, count: int, key: str, depth: int) -> None:
             if nbytes + _PER_LINE_OVERHEAD * count > memory_bytes and count > 1 and depth < 8:
                 m = max(2, min(256, math.ceil((nbytes + _PER_LINE_OVERHEAD * count) / budget)))
-                sub = _Buckets(os.path.dirname(path), m, random.Random(f"{seed}:{key}:split"), os.path.basename(path) + ".s")
+                sub = _Buckets(os.path.dirname(path), m, random.Random(f"{seed}:{key}:split"),
+                               os.path.basename(path) + ".s")
                 try:
                     with open(path, "rb") as f:
                         for raw in f:
@@ -442,23 +446,29 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 2)[2])
     p.add_argument("inputs", nargs="*", help="input files or folders")
     p.add_argument("--out", required=True, help="output root (data.root_dir); the source goes to <out>/<source>/")
     p.add_argument("--source", required=True, help="source name (the sub-folder and the chunk file prefix)")
-    p.add_argument("--n-chunks", type=int, default=8, help="number of chunk files (default 8; fewer if fewer documents)")
+    p.add_argument("--n-chunks", type=int, default=8,
+                   help="number of chunk files (default 8; fewer if fewer documents)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out (default 0.01)")
-    p.add_argument("--val-max-docs", type=int, default=5000, help="at most this many validation documents (default 5000)")
+    p.add_argument("--val-max-docs", type=int, default=5000,
+                   help="at most this many validation documents (default 5000)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
     p.add_argument("--memory-mb", type=float, default=1024, help="memory budget of the shuffle in MB (default 1024)")
     p.add_argument("--text-unit", choices=("paragraph", "file"), default="paragraph",
                    help="plain text files: one document per paragraph (default) or per file")
-    p.add_argument("--text-field", default=None, help="jsonl/parquet field holding the text (default: text, else content)")
-    p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed input lines instead of failing")
+    p.add_argument("--text-field", default=None,
+                   help="jsonl/parquet field holding the text (default: text, else content)")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip and count malformed input lines instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace <out>/<source> if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--hf-dataset", default=None, help="stream this Hugging Face dataset instead of local inputs (network)")
+    p.add_argument("--hf-dataset", default=None,
+                   help="stream this Hugging Face dataset instead of local inputs (network)")
     p.add_argument("--hf-config", default=None, help="dataset configuration name")
     p.add_argument("--hf-split", default="train", help="dataset split (default train)")
     p.add_argument("--hf-field", default="text", help="record field holding the text (default text)")

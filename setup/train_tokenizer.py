@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Train a small tokenizer on local chunk data (the layout of setup/prepare_data.py).
+r"""Train a small tokenizer on local chunk data (the layout of setup/prepare_data.py).
 
     python setup/train_tokenizer.py --data data/default --out data/tokenizers/stdlib_sp1000.model
-    python setup/train_tokenizer.py --data data/default --kind tiktoken --vocab-size 512 --out data/tokenizers/stdlib.tiktoken
+    python setup/train_tokenizer.py --data data/default --kind tiktoken --vocab-size 512 \
+        --out data/tokenizers/stdlib.tiktoken
 
 --kind sp (default): a sentencepiece BPE model (byte fallback, identity normalisation, so any text encodes
 and decodes back unchanged), ids: unk 0, bos 1, eos 2. Use it with data.tokenizer.name=sp data.tokenizer.path=...
@@ -129,7 +130,8 @@ def write_tiktoken_ranks(ranks: dict, out_path: str) -> str:
 
 def main(argv: Optional[List[str]] = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=os.path.join(REPO_ROOT, "data", "default"), help="data root with <source>/*.chunk.*.jsonl")
+    p.add_argument("--data", default=os.path.join(REPO_ROOT, "data", "default"),
+                   help="data root with <source>/*.chunk.*.jsonl")
     p.add_argument("--sources", nargs="*", default=None, help="sources to read (default: all)")
     p.add_argument("--out", required=True, help="output model file (.model for sp, .tiktoken for tiktoken)")
     p.add_argument("--kind", choices=("sp", "tiktoken"), default="sp", help="sentencepiece model or tiktoken rank file")

@@ -110,7 +110,8 @@ def committed_steps(dump_dir: str) -> list:
     root = os.path.join(dump_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
-    return sorted(int(n) for n in os.listdir(root) if n.isdigit() and os.path.exists(os.path.join(root, n, "COMMIT.json")))
+    return sorted(int(n) for n in os.listdir(root)
+                  if n.isdigit() and os.path.exists(os.path.join(root, n, "COMMIT.json")))
 
 
 def output(proc: subprocess.CompletedProcess) -> str:

@@ -321,7 +321,8 @@ PartitionName={self.partition} Nodes=localhost Default=YES MaxTime=INFINITE Stat
                 info.setdefault(k, v)
         return info
 
-    def wait_job(self, job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
+    def wait_job(self, job_id: str,
+                 states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
                  timeout: float = 300, poll: float = 1.0) -> Dict[str, str]:
         deadline = time.time() + timeout
         info: Dict[str, str] = {}

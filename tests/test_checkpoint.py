@@ -16,17 +16,17 @@ from lingua.files import write_json
 from tests.helpers import (
     REPO,
     ckpt_path,
-    copy_run,
-    start_background,
-    wait_for_step,
-    worker_pids,
     clean_env,
     committed_steps,
+    copy_run,
     free_port,
     losses,
     metrics,
     output,
     run_train,
+    start_background,
+    wait_for_step,
+    worker_pids,
 )
 
 pytestmark = pytest.mark.e2e  # real torchrun / SLURM / benchmark processes

@@ -480,7 +480,8 @@ def test_async_child_exception_is_reraised_with_cause(corpus, monkeypatch):
     args = DataArgs(root_dir=root, sources={"a": 1.0}, seq_len=16, load_async=True)
     with build_dataloader(args, init_dataloader_state(args, 0, 1)) as it:
         got = [next(it) for _ in range(3)]
-        with pytest.raises(DataError, match=r"FaultInjected: LINGUA_FAULTS: injected failure at 'data.batch' \(step 3\)") as info:
+        with pytest.raises(DataError,
+                           match=r"FaultInjected: LINGUA_FAULTS: injected failure at 'data.batch' \(step 3\)") as info:
             next(it)
         assert "Traceback" in str(info.value.__cause__)
         with pytest.raises(DataError):  # stays failed
@@ -562,7 +563,8 @@ def test_same_size_edits_are_detected_and_moved_data_resumes(tmp_path):
     full = stream(args, init, 2 * size // 16 + 20)  # more than two passes over the file
     early, late = rt(full[9][1]), rt(full[-1][1])
     assert 0 < early["streams"]["0"]["readers"]["s"]["pos"] < size - 100
-    assert late["streams"]["0"]["readers"]["s"]["pass"] >= 2 and late["streams"]["0"]["readers"]["s"]["pos"] < size - 100
+    assert (late["streams"]["0"]["readers"]["s"]["pass"] >= 2
+            and late["streams"]["0"]["readers"]["s"]["pos"] < size - 100)
     moved = str(tmp_path / "moved")
     shutil.copytree(root, moved)
     args_moved = DataArgs(root_dir=moved, batch_size=1, seq_len=16, prefetch_size=1, load_async=False)

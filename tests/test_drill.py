@@ -61,7 +61,8 @@ def test_drill_passes_with_every_fault_kind(config, tmp_path):
     assert checks["data_stream_identical"] and checks["stray_files"] == []
     assert checks["max_loss_rel_diff"] <= 1e-4 and checks["final_model_max_rel_diff"] <= 1e-4
     corrupt = [f for f in rep["faults"] if f["kind"] == "corrupt"][0]
-    assert corrupt["corrupted"].startswith("step ") and corrupt["resumed_from"] < int(corrupt["corrupted"].split()[1][:-1])
+    assert (corrupt["corrupted"].startswith("step ")
+            and corrupt["resumed_from"] < int(corrupt["corrupted"].split()[1][:-1]))
     assert all("resumed_from" in f for f in rep["faults"])
     md = open(os.path.join(dump, "drill", "report.md")).read()
     assert md.startswith("# Recovery drill: PASS") and md.count("| ok |") == 8

@@ -76,7 +76,8 @@ def inputs(tmp_path):
 def test_external_shuffle_every_document_exactly_once(inputs, tmp_path):
     folder, expected = inputs
     out = str(tmp_path / "out")
-    argv = [folder, "--out", out, "--source", "mix", "--memory-mb", "0.004", "--n-chunks", "5", "--val-fraction", "0.05", "--quiet"]
+    argv = [folder, "--out", out, "--source", "mix", "--memory-mb", "0.004", "--n-chunks", "5",
+            "--val-fraction", "0.05", "--quiet"]
     summary = prepare_data.main(argv)
     assert summary["buckets"] > 3, "the tiny memory budget must force several buckets"
     chunks, train, val = written(out, "mix")
@@ -135,7 +136,8 @@ def test_text_units_and_bad_input(tmp_path):
     with pytest.raises(prepare_data.PrepareError, match=rf"{bad}:2: malformed JSON"):
         prepare_data.main([str(bad), "--out", out, "--source", "b", "--quiet"])
     assert not os.path.exists(os.path.join(out, "b")) and not [p for p in os.listdir(out) if p.startswith(".")]
-    s = prepare_data.main([str(bad), "--out", out, "--source", "b", "--skip-bad-lines", "--val-fraction", "0", "--quiet"])
+    s = prepare_data.main([str(bad), "--out", out, "--source", "b",
+                           "--skip-bad-lines", "--val-fraction", "0", "--quiet"])
     assert s["bad_lines"] == 2 and sorted(d["text"] for d in written(out, "b")[1]) == ["fine", "fine too"]
     latin = tmp_path / "latin.txt"
     latin.write_bytes(b"caf\xe9\n")
@@ -144,7 +146,8 @@ def test_text_units_and_bad_input(tmp_path):
     with pytest.raises(prepare_data.PrepareError, match="does not exist"):
         prepare_data.main([str(tmp_path / "missing"), "--out", out, "--source", "m", "--quiet"])
     # the command line: a one-line error and a non-zero exit code
-    r = subprocess.run([sys.executable, os.path.join(REPO, "setup", "prepare_data.py"), str(bad), "--out", out, "--source", "c"],
+    r = subprocess.run([sys.executable, os.path.join(REPO, "setup", "prepare_data.py"), str(bad),
+                        "--out", out, "--source", "c"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and f"{bad}:2: malformed JSON" in r.stderr
 

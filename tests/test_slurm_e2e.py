@@ -40,7 +40,8 @@ def corpus(tmp_path_factory):
         for c in range(2):
             with open(root / name / f"{name}.chunk.{c:02d}.jsonl", "w") as f:
                 for _ in range(300):
-                    f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))}) + "\n")
+                    text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))
+                    f.write(json.dumps({"text": text}) + "\n")
     return root
 
 
@@ -135,7 +136,8 @@ def assert_same_curve(dump: Path, reference: list) -> None:
     ref = {r["global_step"]: r["loss/out"] for r in reference}
     diffs = {r["global_step"]: (r["loss/out"], ref[r["global_step"]]) for r in rows
              if r["loss/out"] != ref[r["global_step"]]}
-    assert not diffs, f"losses differ from the uninterrupted run at {len(diffs)} steps, first: {sorted(diffs.items())[:5]}"
+    assert not diffs, (f"losses differ from the uninterrupted run at {len(diffs)} steps, "
+                       f"first: {sorted(diffs.items())[:5]}")
 
 
 @pytest.fixture(scope="module")

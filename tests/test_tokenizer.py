@@ -49,7 +49,8 @@ def test_bytes_roundtrip_and_specials(text, bos, eos):
 def test_sentencepiece_trained_here(sp_path):
     tok = build_tokenizer(TokenizerArgs("sp", sp_path))
     assert (tok.n_words, tok.bos_id, tok.eos_id) == (500, 1, 2)
-    for text in ["To be, or not to be: that is the question.", "  two  spaces\nand a newline\t", "naïve café 😀 ≥ ∑", ""]:
+    for text in ["To be, or not to be: that is the question.", "  two  spaces\nand a newline\t",
+                 "naïve café 😀 ≥ ∑", ""]:
         ids = tok.encode(text, True, True)
         assert ids[0] == 1 and ids[-1] == 2 and all(0 <= i < 500 for i in ids)
         assert tok.decode(ids) == text  # identity normalisation + byte fallback: lossless

@@ -1,7 +1,8 @@
-"""Evaluate a checkpoint: validation loss / perplexity / bits-per-byte per held-out source, optional
+r"""Evaluate a checkpoint: validation loss / perplexity / bits-per-byte per held-out source, optional
 lm-evaluation-harness tasks, and a few generation samples. Resumable: rerun the same command.
 
-    python -m apps.main.eval config=configs/eval.yaml ckpt_dir=<run>/checkpoints/0000001000 dump_dir=<run>/evals/0000001000
+    python -m apps.main.eval config=configs/eval.yaml ckpt_dir=<run>/checkpoints/0000001000 \
+        dump_dir=<run>/evals/0000001000
     torchrun --nproc-per-node 2 -m apps.main.eval config=...        (or srun: ranks from SLURM variables)
 
 The checkpoint is read directly (DCP, resharded onto any number of processes; the model is built from its
@@ -116,7 +117,7 @@ class EvalSlurmArgs:
 class EvalArgs:
     name: str = "eval"  # name of the eval (logs, wandb)
     dump_dir: str = ""  # where this eval writes results.json, parts/, samples.jsonl, logs (required)
-    ckpt_dir: str = ""  # a committed checkpoint, a consolidated folder / .pth, or a Hugging Face Llama folder (required)
+    ckpt_dir: str = ""  # a committed checkpoint, consolidated folder / .pth, or a Hugging Face Llama folder (required)
     run_dir: Optional[str] = None  # run whose metrics.eval.jsonl gets a line; default: from the checkpoint path
     global_step: Optional[int] = None  # step to record; default: the checkpoint's step
     validation: Optional[ValidationArgs] = field(default_factory=ValidationArgs)  # null = no validation
@@ -427,7 +428,8 @@ def run_eval(args: EvalArgs, plan: EvalPlan, model, tokenizer, dist_state, wandb
     model.eval()
     try:
         for source, files in plan.val_sources.items():
-            done = broadcast_object(store.get("val", source, {**spec, **step_spec}) is not None if is_master else None, group)
+            done = broadcast_object(store.get("val", source, {**spec, **step_spec}) is not None if is_master else None,
+                                    group)
             if done:
                 logger.info(f"validation '{source}': already recorded, skipped")
                 continue

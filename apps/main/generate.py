@@ -1,11 +1,12 @@
-"""Generate text from a checkpoint (sampling with temperature / top-p / top-k, KV cache).
+r"""Generate text from a checkpoint (sampling with temperature / top-p / top-k, KV cache).
 
     python -m apps.main.generate ckpt=<run>/checkpoints/0000001000 prompt="To be, or not"
-    python -m apps.main.generate ckpt=... prompts_file=prompts.txt output=out.jsonl generator.temperature=0.8 generator.top_p=0.9
+    python -m apps.main.generate ckpt=... prompts_file=prompts.txt output=out.jsonl \
+        generator.temperature=0.8 generator.top_p=0.9
     torchrun --nproc-per-node 2 -m apps.main.generate ckpt=... prompt=...     (FSDP: the weights are sharded)
 
 `ckpt` is a committed DCP checkpoint folder (any number of processes) or a consolidated folder / file.
-`prompts_file`: one prompt per line (a `\\n` inside a line is a newline), or a .jsonl file of {"prompt": ...}.
+`prompts_file`: one prompt per line (a `\n` inside a line is a newline), or a .jsonl file of {"prompt": ...}.
 Rank 0 prints each prompt followed by its generation; `output` also writes them as jsonl.
 """
 
