@@ -23,7 +23,7 @@ setup(
         "data": ["pyarrow"],
         "hf": ["transformers", "safetensors", "tokenizers", "protobuf"],
         "plot": ["matplotlib"],
-        "dev": ["pytest", "hypothesis", "sentencepiece", "tiktoken", "pyarrow", "wandb", "lm-eval", "psutil", "ruff",
-                "transformers", "safetensors", "tokenizers", "protobuf", "matplotlib"],
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "sentencepiece", "tiktoken", "pyarrow", "wandb", "lm-eval",
+                "psutil", "ruff", "transformers", "safetensors", "tokenizers", "protobuf", "matplotlib"],
     },
 )

@@ -71,3 +71,22 @@ def reference(tmp_path_factory, cfg):
         assert proc.returncode == 0, output(proc)[-4000:]
         runs[name] = dump
     return runs
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> the path of a real small filesystem (tmpfs). The test machines and CI run as root; where
+    mounting is impossible the test fails (a disk-full test must not silently pass by skipping)."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+
+    def mount(size):
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if res.returncode != 0:
+            pytest.fail(f"cannot mount a tmpfs (run the tests as root): {res.stderr.decode().strip()}")
+        return str(mnt)
+
+    yield mount
+    subprocess.run(["umount", str(mnt)], capture_output=True)

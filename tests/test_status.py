@@ -14,7 +14,7 @@ import time
 import pytest
 
 from lingua import slurm, status
-from tests.helpers import REPO, clean_env, make_corpus, output, run_train, tiny_config
+from tests.helpers import REPO, clean_env, output, run_train, tiny_config
 
 
 def cli(*args, env=None) -> subprocess.CompletedProcess:
@@ -34,13 +34,8 @@ def snapshot(folder: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(str(tmp_path_factory.mktemp("data")))
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory, corpus):
-    return tiny_config(str(tmp_path_factory.mktemp("cfg") / "c.yaml"), corpus)
+def config(cfg):
+    return cfg  # the shared tiny config (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -180,9 +175,9 @@ def _lines(dump):
 
 
 @pytest.mark.e2e
-def test_preempted_and_requeued_slurm_run(slurm_cluster, corpus, tmp_path, monkeypatch):
+def test_preempted_and_requeued_slurm_run(slurm_cluster, shared_corpus, tmp_path, monkeypatch):
     """A stool job signalled with USR2 (as before a time limit): checkpoint, requeue, PENDING with a reason."""
-    cfg = tiny_config(str(tmp_path / "c.yaml"), corpus, steps=200, **{"checkpoint.dump.every": 20})
+    cfg = tiny_config(str(tmp_path / "c.yaml"), shared_corpus, steps=200, **{"checkpoint.dump.every": 20})
     dump = tmp_path / "dump"
     env = slurm_cluster.client_env()
     env["PYTHONPATH"], env["OMP_NUM_THREADS"] = REPO, "1"
@@ -418,19 +413,8 @@ def test_forecast_models_retention(tmp_path):
     assert status.disk_forecast(root, args, steps=100, current_step=4, free_bytes=1000).first_failing_step == 12
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real small filesystem (tmpfs); needs root."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=800k", "tmpfs", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
-    yield str(mnt)
-    subprocess.run(["umount", str(mnt)], capture_output=True)
-
-
 def test_forecast_warns_on_a_small_disk(small_disk):
+    small_disk = small_disk("800k")
     """A run at step 4 on an 800 kB filesystem with one 300 kB checkpoint, saving every 4 steps to step 16:
     keeping all of them, the save of step 12 will not fit; keeping 2, retention makes room."""
     dump = _fake_run(os.path.join(small_disk, "run"), steps=16, n_records=4, ckpt_steps=(4,), ckpt_bytes=300_000)
