@@ -70,6 +70,7 @@ from lingua.checkpoint_format import (  # noqa: F401 (the format, re-exported: l
     step_of,
     train_state_file,
     unpin,
+    written_by,
 )
 from lingua.distributed import all_agree, broadcast_object, gather_objects
 from lingua.files import dir_size, fsync_dir, write_json
@@ -247,10 +248,8 @@ class _Crc32Stream:
         return getattr(self._f, name)
 
 
-def _crc_writer(path: str, crcs: dict, background: bool = False):
-    """DCP's file writer (fsyncs every file it writes) recording the crc32 of each file into `crcs`. `background`
-    (async saves): the thread that writes runs at the lowest CPU priority, so that on a busy machine the write
-    takes the time training leaves free instead of slowing the steps it overlaps (the state was copied already)."""
+def _crc_writer(path: str, crcs: dict):
+    """DCP's file writer (fsyncs every file it writes) recording the crc32 of each file into `crcs`."""
     from contextlib import contextmanager
 
     from torch.distributed.checkpoint.filesystem import FileSystem
@@ -267,16 +266,7 @@ def _crc_writer(path: str, crcs: dict, background: bool = False):
                 name = os.path.basename(str(p))
                 crcs[name[:-4] if name.endswith(".tmp") else name] = stream.crc  # DCP renames .metadata.tmp
 
-    class Writer(dcp.FileSystemWriter):
-        def write_data(self, plan, planner):
-            if background:
-                try:  # Linux: nice applies per thread
-                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-                except (AttributeError, OSError):
-                    pass
-            return super().write_data(plan, planner)
-
-    writer = Writer(path, sync_files=True)
+    writer = dcp.FileSystemWriter(path, sync_files=True)
     writer.fs = CrcFileSystem()
     return writer
 
@@ -784,31 +774,29 @@ class CheckpointManager:
         if self.rank == 0 and os.path.exists(staging):
             shutil.rmtree(staging)
         dist.barrier(group=self.group)
-        own_files = []
+        # This rank's JSON files, captured now (the train state of this step); an async save writes them in the
+        # background with the shards (a small fsync can wait behind a large writeback on a busy disk).
+        own_json = {train_state_file(self.dist.dp_rank): train_state.state_dict()} if self.dist.tp_rank == 0 else {}
+        if self.rank == 0:
+            own_json[PARAMS_FILE] = self.config_dict
         try:
             os.makedirs(staging, exist_ok=True)
-            if self.dist.tp_rank == 0:  # one writer per data-parallel rank
-                name = train_state_file(self.dist.dp_rank)
-                write_json(os.path.join(staging, name), train_state.state_dict())
-                own_files.append(name)
-            faults.point("save.after_train_state", step)
-            if self.rank == 0:
-                write_json(os.path.join(staging, PARAMS_FILE), self.config_dict)
-                own_files.append(PARAMS_FILE)
+            if not self.args.async_save:
+                self._write_json(step, staging, own_json)
             error = None
         except OSError as e:
             error = f"rank {self.rank}: {e}"
-        if not all_agree(error is None, self.group):
+        if not all_agree(error is None, self.group):  # before DCP's collectives: every rank or none goes on
             return self._abandon(staging, error or "another rank failed to write its train state")
         crcs: dict = {}
         if self.args.async_save:
-            return self._start_async(step, staging, state, own_files, kinds, t0, crcs)
+            return self._start_async(step, staging, state, own_json, kinds, t0, crcs)
         try:
             with _NoRecordCrc32():
                 dcp.save(state, storage_writer=_crc_writer(staging, crcs), process_group=self.group,
                          planner=_save_planner())
             faults.point("save.after_shards", step)
-            files = describe_files(staging, own_files + self._dcp_files(staging), self.args.checksums, crcs)
+            files = describe_files(staging, list(own_json) + self._dcp_files(staging), self.args.checksums, crcs)
             error = None
         except (Exception, CheckpointException) as e:  # ENOSPC, I/O errors, a peer's failure
             files, error = {}, f"rank {self.rank}: {type(e).__name__}: {e}"
@@ -817,6 +805,11 @@ class CheckpointManager:
             logger.info(f"saved checkpoint step {step} in {time.time() - t0:.2f}s (sync) -> {self.root}")
         return ok
 
+    def _write_json(self, step: int, staging: str, own_json: dict) -> None:
+        for name, obj in own_json.items():
+            write_json(os.path.join(staging, name), obj)
+            faults.point("save.after_train_state", step)
+
     def _dcp_files(self, staging: str) -> list:
         """The DCP files this rank wrote: its own shard files, plus .metadata on the coordinator."""
         names = [n for n in os.listdir(staging) if n.startswith(f"__{self.rank}_") and n.endswith(".distcp")]
@@ -824,7 +817,7 @@ class CheckpointManager:
             names.append(METADATA_FILE)
         return names
 
-    def _start_async(self, step, staging, state, own_files, kinds, t0, crcs) -> bool:
+    def _start_async(self, step, staging, state, own_json, kinds, t0, crcs) -> bool:
         # The copy of the state (staging) runs in the background too; the trainer calls wait_staged() before
         # the next optimizer step changes the state. One stager for the run: its buffers are reused by every
         # save (at most one in flight), so a save does not allocate (or pin) a new copy each time.
@@ -836,8 +829,7 @@ class CheckpointManager:
                                                         use_async_staging=True, use_non_blocking_copy=cuda))
         no_crc = _NoRecordCrc32().__enter__()  # until the background write is done (in finish)
         try:
-            fut = dcp.async_save(state, storage_writer=_crc_writer(staging, crcs, background=True),
-                                 process_group=self.async_group,
+            fut = dcp.async_save(state, storage_writer=_crc_writer(staging, crcs), process_group=self.async_group,
                                  async_stager=self._stager, planner=_save_planner())
         except BaseException:
             no_crc.__exit__(None, None, None)
@@ -850,10 +842,13 @@ class CheckpointManager:
         def finish():
             try:
                 faults.point("save.async_write", step)
-                fut.result()
+                try:
+                    self._write_json(step, staging, own_json)
+                finally:
+                    fut.result()  # the shards' write goes on (its collectives need every rank): wait for it
                 faults.point("save.after_shards", step)
                 flight.result["files"] = describe_files(
-                    staging, own_files + self._dcp_files(staging), self.args.checksums, crcs
+                    staging, list(own_json) + self._dcp_files(staging), self.args.checksums, crcs
                 )
             except (Exception, CheckpointException) as e:
                 flight.result["error"] = f"rank {self.rank}: {type(e).__name__}: {e}"

@@ -26,6 +26,13 @@ def train_state_file(dp_rank: int) -> str:
     return f"train_state_{dp_rank:05d}.json"
 
 
+def written_by(name: str, rank: int, dp_rank: int) -> bool:
+    """Whether rank `rank` (of data-parallel rank `dp_rank`) writes the checkpoint file `name`: its DCP shards and
+    its train state; rank 0 also the shared files (.metadata, params.json, the commit record)."""
+    return (name.startswith(f"__{rank}_") or name == train_state_file(dp_rank)
+            or (rank == 0 and not name.startswith(("__", "train_state_"))))
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message says which and why."""
 

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from lingua import faults
 from lingua.args import ConfigError, load_config
 from lingua.files import atomic_write, read_jsonl, write_json
 
@@ -197,9 +198,9 @@ class Launcher:
         from lingua.slurm import job_free_env
 
         env = dict(os.environ) if self.slurm else job_free_env()
-        env.pop("LINGUA_FAULTS", None)
+        env.pop(faults.ENV, None)
         if rules:
-            env["LINGUA_FAULTS"] = rules
+            env[faults.ENV] = rules
         env["MASTER_PORT"] = str(_free_port())  # a fresh rendezvous port: the last run's may be in TIME_WAIT
         env.setdefault("OMP_NUM_THREADS", "1")
         python = [sys.executable, "-u"]
@@ -428,16 +429,14 @@ class Drill:
 
     def _corrupt_newest(self, dump: str) -> Optional[str]:
         """Flip a byte in the middle of the newest committed checkpoint's largest shard."""
-        from lingua.checkpoint import list_checkpoints
+        from lingua.checkpoint import list_checkpoints, read_commit
 
         ckpts = list_checkpoints(os.path.join(dump, "checkpoints"))
         if not ckpts:
             return None
         step, path = ckpts[0]
-        shards = sorted((os.path.getsize(os.path.join(path, n)), n) for n in os.listdir(path) if n.endswith(".distcp"))
-        if not shards:
-            return None
-        size, name = shards[-1]
+        files = read_commit(path)["files"]  # the largest file of the checkpoint: a shard of the state
+        size, name = max((info["size"], name) for name, info in files.items())
         with open(os.path.join(path, name), "r+b") as f:
             f.seek(size // 2)
             byte = f.read(1)

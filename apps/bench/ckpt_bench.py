@@ -209,7 +209,7 @@ def worker(a) -> int:
     import torch.distributed as dist
 
     from lingua.args import config_to_dict
-    from lingua.checkpoint import CheckpointManager, TrainState, read_commit, train_state_file
+    from lingua.checkpoint import CheckpointManager, TrainState, read_commit, written_by
     from lingua.transformer import num_params
 
     dump = os.path.join(a.work, "dump")
@@ -313,8 +313,7 @@ def worker(a) -> int:
             files = box[0]
             res["bytes"] = sum(f["size"] for f in files.values())
             # The files this rank wrote: its shards and train state; rank 0 also the shared ones.
-            mine = [n for n in files if n.startswith(f"__{rank}_") or n == train_state_file(dist_state.dp_rank)
-                    or (rank == 0 and not n.startswith(("__", "train_state_")))]
+            mine = [n for n in files if written_by(n, rank, dist_state.dp_rank)]
             my_bytes = sum(files[n]["size"] for n in mine)
             if a.keep_last and kind == "sync" and r == a.repeats:
                 res["kept"] = ckpt_dir

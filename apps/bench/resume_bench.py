@@ -186,7 +186,7 @@ def worker(a) -> int:
     import torch.distributed as dist
 
     from apps.main.train import load_train_config
-    from lingua.checkpoint import load_model_optim
+    from lingua.checkpoint import load_model_optim, written_by
     from lingua.distributed import setup_torch_distributed
     from lingua.optim import build_optimizer
     from lingua.tokenizer import build_tokenizer
@@ -202,9 +202,7 @@ def worker(a) -> int:
         return model, build_optimizer(model, args.optim, args.steps)[0]
     rank, group = dist_state.env.rank, dist_state.cpu_group
     files = _ckpt_files(a.ckpt)
-    mine = [p for p in files if os.path.basename(p).startswith(f"__{rank}_")]
-    if rank == 0:
-        mine += [p for p in files if not os.path.basename(p).startswith("__")]
+    mine = [p for p in files if written_by(os.path.basename(p), rank, dist_state.dp_rank)]  # every file once
     res = {"load_s": [], "raw_s": [], "load_warm_s": [], "raw_warm_s": [], "cold": True, "read_bytes": 0}
     read = []  # bytes each raw read of this rank got
 

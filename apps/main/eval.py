@@ -6,7 +6,7 @@ lm-evaluation-harness tasks, and a few generation samples. Resumable: rerun the 
     torchrun --nproc-per-node 2 -m apps.main.eval config=...        (or srun: ranks from SLURM variables)
 
 The checkpoint is read directly (DCP, resharded onto any number of processes; the model is built from its
-params.json) or from a consolidated file (`python -m lingua.checkpoint consolidate`). Results go to
+saved config) or from a consolidated file (`python -m lingua.checkpoint consolidate`). Results go to
 `<dump_dir>/results.json`, one line per (step, eval dir) in the training run's `metrics.eval.jsonl`, and to
 wandb when `wandb` is set. Every part (one validation source, one harness task, the samples) is recorded in
 `<dump_dir>/parts/` as soon as it is done; a rerun skips recorded parts. docs/eval.md has the details.
@@ -152,7 +152,7 @@ class EvalPlan:
     """Everything checked before any process group exists."""
 
     source: Optional[ModelSource]  # the checkpoint; None inline from training (the model is already in memory)
-    params: dict  # the training config (params.json)
+    params: dict  # the training config the checkpoint was saved with
     step: int
     run_dir: Optional[str]
     val_sources: Dict[str, List[str]]  # source -> val files
