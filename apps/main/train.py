@@ -174,7 +174,8 @@ class Trainer:
         self.dist = setup_torch_distributed(args.distributed)
         self.lock = hold_dump_dir(args.dump_dir, self.dist)
         self._data = contextlib.ExitStack()  # the data loader (started early in _setup)
-        self._data_started: Optional[dict] = None
+        self._data_started: Optional[dict] = None  # the state the loader started from (fresh or saved)
+        self._data_fresh = False
         try:
             self._setup()
         except BaseException:
@@ -223,11 +224,11 @@ class Trainer:
             if args.checkpoint.init_ckpt_path:
                 logger.info(f"initialising model weights from {args.checkpoint.init_ckpt_path} (fresh optimizer)")
                 load_weights(find_model(args.checkpoint.init_ckpt_path), self.model)
-        if self.state.data is None:
-            self.state.data = init_dataloader_state(args.data, self.dist.dp_rank, self.dist.dp_world_size,
-                                                    args.grad_acc_steps)
-        if self.state.data != self._data_started and not self.finished:
-            self.start_data(self.state.data)  # the load fell back to another checkpoint, or started fresh
+        if self.state.data is None and self._data_fresh:
+            self.state.data = self._data_started  # the loader already runs from a fresh stream
+        elif self.state.data != self._data_started:  # the load fell back to another checkpoint, or started fresh
+            self.start_data(self.state.data, not self.finished)
+            self.state.data = self._data_started
         faults.point("startup.after_load")
 
         self.metric_logger: Optional[MetricLogger] = None
@@ -243,6 +244,7 @@ class Trainer:
         """(Re)start the data loader at `data` (None: a fresh stream); its micro-batches are `self.batches`."""
         self._data.close()
         self._data = contextlib.ExitStack()
+        self._data_fresh = data is None
         if data is None:
             data = init_dataloader_state(self.args.data, self.dist.dp_rank, self.dist.dp_world_size,
                                          self.args.grad_acc_steps)
