@@ -27,7 +27,6 @@ CLI: python -m lingua.checkpoint {list,verify,consolidate,export-hf} PATH (expor
 
 import base64
 import io
-import json
 import logging
 import os
 import pickle
@@ -73,7 +72,7 @@ from lingua.checkpoint_format import (  # noqa: F401 (the format, re-exported: l
     written_by,
 )
 from lingua.distributed import all_agree, broadcast_object, gather_objects
-from lingua.files import dir_size, fsync_dir, write_json
+from lingua.files import dir_size, fsync_dir, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -655,11 +654,7 @@ class CheckpointManager:
     def _load_step_used(self) -> Optional[int]:
         used = None
         if self.rank == 0:
-            try:
-                with open(os.path.join(self.root, LOAD_STEP_FILE)) as f:
-                    used = json.load(f).get("load_step")
-            except (OSError, ValueError, AttributeError):
-                pass
+            used = (read_json(os.path.join(self.root, LOAD_STEP_FILE)) or {}).get("load_step")
         return broadcast_object(used, self.group)
 
     def _branch_from(self, step: int) -> None:

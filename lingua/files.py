@@ -6,7 +6,7 @@ is killed at any instant or the machine loses power (the folder entry is fsynced
 
 import json
 import os
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 
 def fsync_dir(path: str) -> None:
@@ -50,6 +50,17 @@ def write_json(path: str, obj) -> None:
 
 def write_jsonl(path: str, records: Iterable[dict]) -> None:
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_json(path: str) -> Optional[dict]:
+    """The JSON object in `path`; None if it is missing, unreadable or not an object (for files that may be absent
+    or written by someone else: a lock, a marker)."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def read_jsonl(path: str) -> list:

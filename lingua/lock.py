@@ -20,6 +20,8 @@ import time
 import uuid
 from typing import Optional
 
+from lingua.files import read_json
+
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
@@ -56,13 +58,14 @@ def _me() -> dict:
 def read_lock(dump_dir: str) -> Optional[dict]:
     """The holder record and its heartbeat age in seconds ('age_s'), or None if there is no (readable) lock."""
     path = os.path.join(dump_dir, LOCK_FILE)
-    try:
-        with open(path) as f:
-            holder = json.load(f)
-        holder["age_s"] = max(0.0, time.time() - os.stat(path).st_mtime)
-        return holder if isinstance(holder, dict) else None
-    except (OSError, ValueError):
+    holder = read_json(path)
+    if holder is None:
         return None
+    try:
+        holder["age_s"] = max(0.0, time.time() - os.stat(path).st_mtime)
+    except OSError:  # removed meanwhile
+        return None
+    return holder
 
 
 def _slurm_job_running(job_id: str) -> Optional[bool]:
@@ -137,7 +140,7 @@ class DumpDirLock:
                     pass
                 holder = read_lock(self.dump_dir)
                 if holder is None:  # removed meanwhile, or garbled by a crash while written by hand: retry
-                    if os.path.exists(self.path) and not _readable(self.path):
+                    if os.path.exists(self.path) and read_json(self.path) is None:
                         os.replace(self.path, self.path + f".garbled.{me['token']}")
                     continue
                 reason = why_dead(holder)
@@ -151,7 +154,7 @@ class DumpDirLock:
                     os.replace(self.path, moved)
                 except FileNotFoundError:
                     continue
-                if read_json(moved).get("token") != holder.get("token"):  # another contender took it meanwhile
+                if (read_json(moved) or {}).get("token") != holder.get("token"):  # another contender took it meanwhile
                     os.replace(moved, self.path)
                     continue
                 os.remove(moved)
@@ -177,25 +180,12 @@ class DumpDirLock:
         if self.record is None:
             return
         self._stop.set()
-        if read_json(self.path).get("token") == self.record["token"]:
+        if (read_json(self.path) or {}).get("token") == self.record["token"]:
             try:
                 os.remove(self.path)
             except OSError:
                 pass
         self.record = None
-
-
-def _readable(path: str) -> bool:
-    return bool(read_json(path))
-
-
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-        return obj if isinstance(obj, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def hold_dump_dir(dump_dir: str, dist_state) -> DumpDirLock:

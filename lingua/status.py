@@ -31,7 +31,7 @@ import yaml
 
 from lingua import slurm
 from lingua.checkpoint_format import STEP_RE, CheckpointError, check_files, is_pinned, read_commit
-from lingua.files import dir_size
+from lingua.files import dir_size, read_json, read_jsonl
 from lingua.lock import describe, read_lock, why_dead
 
 # Files that make a folder a dump dir (any one of them).
@@ -132,17 +132,8 @@ def read_metrics(path: str) -> tuple:
 
 
 def read_eval_metrics(path: str) -> list:
-    records = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a torn line: the eval rewrites the file under a lock
-                if isinstance(record, dict) and isinstance(record.get("global_step"), int):
-                    records.append(record)
-    return records
+    """The eval records (a torn line, while an eval rewrites the file under its lock, is skipped)."""
+    return [r for r in read_jsonl(path) if isinstance(r.get("global_step"), int)]
 
 
 # ------------------------------------------------------------------------------------------------ train.log
@@ -591,11 +582,7 @@ def _launched_evals(dump_dir: str) -> list:
         folder = os.path.join(root, name)
         record = {"step": int(name) if name.isdigit() else None, "dir": folder,
                   "results": os.path.exists(os.path.join(folder, "results.json"))}
-        try:
-            with open(os.path.join(folder, "launched.json")) as f:
-                record["job_id"] = json.load(f).get("job_id")
-        except (OSError, ValueError, AttributeError):
-            record["job_id"] = None
+        record["job_id"] = (read_json(os.path.join(folder, "launched.json")) or {}).get("job_id")
         out.append(record)
     return out
 

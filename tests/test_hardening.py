@@ -99,6 +99,21 @@ def test_second_run_on_a_live_dump_dir_is_refused_and_a_stale_lock_is_taken_over
     assert "taking over the lock" in output(again) and f"its process {dead.pid} on this host is gone" in output(again)
 
 
+@pytest.mark.parametrize("garbage", ['{"host": "h', "[1]", '"text"'])
+def test_a_garbled_lock_file_is_moved_aside_and_the_lock_taken(tmp_path, garbage):
+    from lingua.lock import LOCK_FILE, DumpDirLock
+
+    (tmp_path / LOCK_FILE).write_text(garbage)  # torn, or valid JSON that is not a lock record
+    lock = DumpDirLock(str(tmp_path)).acquire()
+    try:
+        moved = [p for p in tmp_path.iterdir() if p.name.startswith(f"{LOCK_FILE}.garbled.")]
+        assert len(moved) == 1 and moved[0].read_text() == garbage
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == lock.record["token"]
+    finally:
+        lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
 # 3 ---------------------------------------------------------------------------------------- config change
 
 
