@@ -37,18 +37,23 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message says which and why."""
 
 
-def _read_json(ckpt_dir: str, name: str, what: str) -> dict:
-    path = os.path.join(ckpt_dir, name)
+def read_json_object(path: str, label: str, missing: Optional[str] = None) -> dict:
+    """The JSON object in `path`; CheckpointError "<label> is missing" (or `missing`), "... is unreadable (why)" or
+    "... is not a JSON object" otherwise."""
     try:
         with open(path) as f:
             obj = json.load(f)
     except FileNotFoundError:
-        raise CheckpointError(f"{ckpt_dir}: {what} {name} is missing") from None
+        raise CheckpointError(missing or f"{label} is missing") from None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{ckpt_dir}: {what} {name} is unreadable ({e})") from None
+        raise CheckpointError(f"{label} is unreadable ({e})") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{ckpt_dir}: {what} {name} is not a JSON object")
+        raise CheckpointError(f"{label} is not a JSON object")
     return obj
+
+
+def _read_json(ckpt_dir: str, name: str, what: str) -> dict:
+    return read_json_object(os.path.join(ckpt_dir, name), f"{ckpt_dir}: {what} {name}")
 
 
 def read_commit(ckpt_dir: str) -> dict:

@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from lingua.args import ConfigError
-from lingua.checkpoint import CheckpointError
+from lingua.checkpoint_format import CheckpointError, read_json_object
 from lingua.files import fsync_dir, fsync_file, write_json
 from lingua.tokenizer import BOS_PIECE, EOS_PIECE, TIKTOKEN_PATTERN, TokenizerArgs, build_tokenizer
 from lingua.transformer import LMTransformerArgs, ffn_hidden_dim
@@ -151,15 +151,7 @@ def is_hf_folder(path: str) -> bool:
 def read_hf_config(folder: str) -> dict:
     """config.json of a Llama folder whose model lingua's transformer reproduces; CheckpointError otherwise."""
     path = os.path.join(folder, CONFIG_FILE)
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder}: no {CONFIG_FILE} (not a Hugging Face model folder)") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
+    cfg = read_json_object(path, path, missing=f"{folder}: no {CONFIG_FILE} (not a Hugging Face model folder)")
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
         raise CheckpointError(f"{folder} is not a Llama model (model_type {cfg.get('model_type')!r}, architectures "
