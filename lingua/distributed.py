@@ -77,7 +77,8 @@ class LaunchEnv:
     launcher: str  # torchrun | slurm | single
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -106,7 +107,7 @@ def get_launch_env() -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT") or port_from_job_id(env["SLURM_JOB_ID"])),
             launcher="slurm",
         )
-    return LaunchEnv(0, 0, 1, "127.0.0.1", _free_port(), "single")
+    return LaunchEnv(0, 0, 1, "127.0.0.1", free_port(), "single")
 
 
 def describe_launch(env: LaunchEnv) -> str:

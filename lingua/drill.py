@@ -164,14 +164,6 @@ def plan_faults(cfg, steps: int, every: int, nproc: int, elastic_nproc: Optional
 # -------------------------------------------------------------------------------------------- launching
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def default_nproc() -> int:
     if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_NTASKS"):
         return int(os.environ["SLURM_NTASKS"])
@@ -195,13 +187,14 @@ class Launcher:
 
     def run(self, config: str, nproc: int, rules: str, name: str, timeout: float) -> tuple:
         """(exit code, seconds, log path, session id) of one launch, which has ended when this returns."""
+        from lingua.distributed import free_port
         from lingua.slurm import job_free_env
 
         env = dict(os.environ) if self.slurm else job_free_env()
         env.pop(faults.ENV, None)
         if rules:
             env[faults.ENV] = rules
-        env["MASTER_PORT"] = str(_free_port())  # a fresh rendezvous port: the last run's may be in TIME_WAIT
+        env["MASTER_PORT"] = str(free_port())  # a fresh rendezvous port: the last run's may be in TIME_WAIT
         env.setdefault("OMP_NUM_THREADS", "1")
         python = [sys.executable, "-u"]
         if self.slurm:

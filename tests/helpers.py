@@ -4,13 +4,13 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import yaml
 
+from lingua.distributed import free_port
 from lingua.slurm import job_free_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,12 +69,6 @@ def tiny_config(path: str, data_root: str, sources=("shk",), **overrides) -> str
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(extra=None) -> dict:

@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Dict, List, Optional
 
 import yaml
 
+from lingua.distributed import free_port
 from lingua.files import atomic_write, write_jsonl
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -176,12 +176,6 @@ def load_yaml(path: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- launching
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bench_env(threads: int) -> dict:
