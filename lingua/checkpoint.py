@@ -6,6 +6,7 @@ Layout under `checkpoint.path` (default <dump_dir>/checkpoints):
                              run's config), train_state_<dp_rank>.json, COMMIT.json (written last)
     0000002000.tmp/          a save in progress (staging); removed at the next start if the run died
     0000000500.deleting/     retention in progress; removed at the next start
+    0000003000.abandoned-<time>/  a newer checkpoint moved aside by checkpoint.load_step (kept for the user)
 
 Save. All ranks agree to save at a step. Every rank writes its DCP shards and its train state into the staging
 folder, fsyncs them and records their sizes (and crc32). The records are gathered; rank 0 writes COMMIT.json last,
@@ -48,15 +49,19 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from lingua import faults
 from lingua.args import ConfigError
 from lingua.checkpoint_format import (  # noqa: F401 (the format, re-exported: lingua.checkpoint is its owner)
+    ABANDONED_MARK,
     COMMIT_FILE,
+    DELETING_SUFFIX,
     FORMAT_VERSION,
     LOAD_STEP_FILE,
     METADATA_FILE,
     PARAMS_FILE,
+    STAGING_SUFFIX,
     STEP_RE,
     CheckpointError,
     check_files,
     file_crc32,
+    folder_state,
     is_checkpoint,
     is_pinned,
     list_checkpoints,
@@ -288,14 +293,14 @@ def clean_stale(root: str) -> None:
     if not os.path.isdir(root):
         return
     for name in os.listdir(root):
-        if name.endswith(".tmp") or name.endswith(".deleting"):
+        if folder_state(name) in ("staging", "deleting"):
             logger.warning(f"removing stale checkpoint folder {os.path.join(root, name)}")
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def _doom(path: str) -> str:
     """Rename a checkpoint out of sight (atomic: the step disappears for readers at once); returns the new path."""
-    doomed = path.rstrip("/") + ".deleting"
+    doomed = path.rstrip("/") + DELETING_SUFFIX
     os.replace(path, doomed)
     return doomed
 
@@ -664,9 +669,10 @@ class CheckpointManager:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for newer, path in list_checkpoints(self.root):
             if newer > step:
-                os.replace(path, f"{path}.abandoned-{stamp}")
+                aside = f"{path}{ABANDONED_MARK}{stamp}"
+                os.replace(path, aside)
                 logger.warning(f"checkpoint.load_step={step}: moved the newer checkpoint {newer} aside to "
-                               f"{path}.abandoned-{stamp} (delete it when you no longer need it)")
+                               f"{aside} (delete it when you no longer need it)")
         write_json(os.path.join(self.root, LOAD_STEP_FILE), {"load_step": step, "used_at": time.time()})
 
     def verified(self) -> Optional[str]:
@@ -765,7 +771,7 @@ class CheckpointManager:
         fits = self._make_room(needed, kinds) if self.rank == 0 else True
         if not broadcast_object(fits, self.group):
             return False
-        staging = os.path.join(self.root, step_dir_name(step) + ".tmp")
+        staging = os.path.join(self.root, step_dir_name(step) + STAGING_SUFFIX)
         if self.rank == 0 and os.path.exists(staging):
             shutil.rmtree(staging)
         dist.barrier(group=self.group)
@@ -1017,7 +1023,7 @@ def _cmd_list(path: str) -> None:
                 print(f"{int(name):>10}  {'INVALID':<12} {dir_size(full) / 1e6:>8.1f}MB  {'-':>5}  {'-':>3}  "
                       f"{'-':>20}  {e}")
         else:
-            print(f"{name:>10}  {'staging' if name.endswith('.tmp') else 'other':<12} {dir_size(full) / 1e6:>8.1f}MB")
+            print(f"{name:>10}  {folder_state(name):<12} {dir_size(full) / 1e6:>8.1f}MB")
 
 
 def _cmd_verify(path: str) -> int:

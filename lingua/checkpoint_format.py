@@ -16,10 +16,26 @@ METADATA_FILE = ".metadata"
 LOAD_STEP_FILE = "load_step_used.json"  # in the checkpoint folder: the checkpoint.load_step a start resumed from
 STEP_RE = re.compile(r"^\d{10}$")
 FORMAT_VERSION = 2  # 2: RNG states as plain JSON (1: a base64 pickle, never loaded)
+# The other folders of a checkpoint folder are named after a step folder:
+STAGING_SUFFIX = ".tmp"  # <step>.tmp: a save being written; removed at the next start if the run died
+DELETING_SUFFIX = ".deleting"  # <step>.deleting: retention is deleting it; likewise removed at the next start
+ABANDONED_MARK = ".abandoned-"  # <step>.abandoned-<time>: moved aside by checkpoint.load_step, kept for the user
 
 
 def step_dir_name(step: int) -> str:
     return f"{step:010d}"
+
+
+def folder_state(name: str) -> str:
+    """What a folder of the checkpoint folder is, from its name: "step" (committed or not: its commit record
+    says), "staging", "deleting", "abandoned" or "other" (not ours)."""
+    if STEP_RE.match(name):
+        return "step"
+    if name.endswith(STAGING_SUFFIX):
+        return "staging"
+    if name.endswith(DELETING_SUFFIX):
+        return "deleting"
+    return "abandoned" if ABANDONED_MARK in name else "other"
 
 
 def train_state_file(dp_rank: int) -> str:

@@ -30,7 +30,7 @@ from typing import Optional
 import yaml
 
 from lingua import slurm
-from lingua.checkpoint_format import STEP_RE, CheckpointError, check_files, is_pinned, read_commit
+from lingua.checkpoint_format import STEP_RE, CheckpointError, check_files, folder_state, is_pinned, read_commit
 from lingua.files import dir_size, read_json, read_jsonl
 from lingua.lock import describe, read_lock, why_dead
 
@@ -73,20 +73,17 @@ def scan_checkpoints(root: str, check_sizes: bool = True) -> dict:
                               "bytes": sum(f["size"] for f in record["files"].values()),
                               "pinned": is_pinned(path), "created": record.get("created")})
         else:
-            others.append({"name": name, **_other_folder(name), "bytes": dir_size(path)})
+            state = folder_state(name)
+            others.append({"name": name, "status": state, "why": _WHY[state], "bytes": dir_size(path)})
     committed.sort(key=lambda c: c["step"], reverse=True)
     total = sum(c["bytes"] for c in committed) + sum(o["bytes"] for o in others)
     return {"root": root, "committed": committed, "others": others, "total_bytes": total}
 
 
-def _other_folder(name: str) -> dict:
-    if name.endswith(".tmp"):
-        return {"status": "staging", "why": "a save in progress, or left by a dead run (removed at the next start)"}
-    if name.endswith(".deleting"):
-        return {"status": "deleting", "why": "retention is deleting it (removed at the next start if interrupted)"}
-    if ".abandoned-" in name:
-        return {"status": "abandoned", "why": "moved aside by checkpoint.load_step; delete it when not needed"}
-    return {"status": "other", "why": "not a checkpoint folder"}
+_WHY = {"staging": "a save in progress, or left by a dead run (removed at the next start)",
+        "deleting": "retention is deleting it (removed at the next start if interrupted)",
+        "abandoned": "moved aside by checkpoint.load_step; delete it when not needed",
+        "other": "not a checkpoint folder"}
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -351,7 +351,10 @@ def test_cli_list_verify_consolidate(tmp_path, cfg, reference):
         f.truncate(100)
     bad = _cli("verify", ckpt_path(dump, 12))
     assert bad.returncode == 1 and "__0_0.distcp" in bad.stdout
-    assert "INVALID" in _cli("list", dump).stdout
+    os.makedirs(os.path.join(dump, "checkpoints", "0000000016.tmp"))
+    os.makedirs(os.path.join(dump, "checkpoints", "0000000008.abandoned-20260101-000000"))
+    listing = _cli("list", dump).stdout
+    assert "INVALID" in listing and " staging " in listing and " abandoned " in listing
 
 
 # ------------------------------------------------------------------------------------------ bad input
