@@ -21,6 +21,7 @@ import uuid
 from typing import Optional
 
 from lingua.files import read_json
+from lingua.slurm import job_running
 
 logger = logging.getLogger(__name__)
 
@@ -68,22 +69,6 @@ def read_lock(dump_dir: str) -> Optional[dict]:
     return holder
 
 
-def _slurm_job_running(job_id: str) -> Optional[bool]:
-    import shutil
-    import subprocess
-
-    if shutil.which("squeue") is None:
-        return None
-    try:
-        res = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
-                             timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if res.returncode != 0:  # an unknown (long finished) job id is an error for squeue
-        return False if "Invalid job id" in res.stderr else None
-    return res.stdout.strip() in ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED")
-
-
 def why_dead(holder: dict) -> Optional[str]:
     """Why the holder cannot be alive, or None if it may be."""
     me = _me()
@@ -99,7 +84,7 @@ def why_dead(holder: dict) -> Optional[str]:
     if job and job == me["slurm_job_id"] and holder.get("slurm_restart", 0) < me["slurm_restart"]:
         return (f"it was restart {holder.get('slurm_restart', 0)} of this SLURM job, "
                 f"now at restart {me['slurm_restart']}")
-    if job and job != me["slurm_job_id"] and _slurm_job_running(job) is False:
+    if job and job != me["slurm_job_id"] and job_running(job) is False:
         return f"its SLURM job {job} is no longer running"
     if holder.get("age_s", 0.0) > STALE_S:
         return f"its heartbeat is {holder['age_s']:.0f}s old (stale after {STALE_S:.0f}s)"

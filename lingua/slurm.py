@@ -5,6 +5,7 @@
 - `in_slurm_job()`: whether this process runs inside a SLURM allocation (batch step or srun).
 - `job_free_env()`: the environment for launching a separate job, without this job's launch variables.
 - `query_jobs(job_ids)`: state and pending reason of jobs (`squeue`, then `sacct`), for `lingua.status`.
+- `job_running(job_id)`: whether a job is still alive (`squeue`), for the dump-dir lock's stale-holder check.
 - `request_fits(partition, ...)`: whether a partition has nodes big enough for a request (`sinfo`), for stool.
 - `requeue_current_job(max_requeues)`: `scontrol requeue $SLURM_JOB_ID`, bounded by SLURM_RESTART_COUNT so a
   run that keeps crashing does not requeue itself forever, and only while the job is still RUNNING: a job the
@@ -31,6 +32,7 @@ __all__ = [
     "in_slurm_job",
     "restart_count",
     "job_state",
+    "job_running",
     "query_jobs",
     "request_fits",
     "requeue_current_job",
@@ -101,14 +103,9 @@ def expand_hostlist(nodelist: str) -> List[str]:
 
 
 def _scontrol_hostnames(nodelist: str) -> Optional[str]:
-    if shutil.which("scontrol") is None:
-        return None
-    try:
-        res = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = res.stdout.split()
-    return lines[0] if res.returncode == 0 and lines else None
+    res = _run(["scontrol", "show", "hostnames", nodelist], timeout=30)
+    lines = res.stdout.split() if res is not None and res.returncode == 0 else []
+    return lines[0] if lines else None
 
 
 def first_hostname(nodelist: str) -> str:
@@ -143,18 +140,6 @@ def restart_count() -> int:
         return 0
 
 
-def job_state(job_id: str) -> Optional[str]:
-    """JobState of `job_id` as `scontrol show job` reports it (RUNNING, COMPLETING, ...), None if unknown."""
-    if shutil.which("scontrol") is None:
-        return None
-    try:
-        res = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"\bJobState=(\S+)", res.stdout) if res.returncode == 0 else None
-    return m.group(1) if m else None
-
-
 def _run(cmd: List[str], timeout: float) -> Optional[subprocess.CompletedProcess]:
     """Run a SLURM client command; None when it is not installed or does not answer in time."""
     if shutil.which(cmd[0]) is None:
@@ -163,6 +148,24 @@ def _run(cmd: List[str], timeout: float) -> Optional[subprocess.CompletedProcess
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def job_state(job_id: str) -> Optional[str]:
+    """JobState of `job_id` as `scontrol show job` reports it (RUNNING, COMPLETING, ...), None if unknown."""
+    res = _run(["scontrol", "show", "job", "-o", str(job_id)], timeout=30)
+    m = re.search(r"\bJobState=(\S+)", res.stdout) if res is not None and res.returncode == 0 else None
+    return m.group(1) if m else None
+
+
+def job_running(job_id: str) -> Optional[bool]:
+    """Whether `squeue` lists the job as alive (running, configuring, completing, suspended or stopped); False
+    when SLURM no longer knows it (long finished); None when squeue cannot say."""
+    res = _run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], timeout=30)
+    if res is None:
+        return None
+    if res.returncode != 0:  # an unknown (long finished) job id is an error for squeue
+        return False if "Invalid job id" in res.stderr else None
+    return res.stdout.strip() in ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED")
 
 
 def query_jobs(job_ids: List[str], timeout: float = 10.0) -> Tuple[Dict[str, dict], Optional[str]]:

@@ -272,3 +272,23 @@ def test_g_sbatch_rejection_leaves_nothing(slurm_cluster, corpus, tmp_path):
     assert res.returncode == 2, res.stdout + res.stderr
     assert "sbatch failed" in res.stderr and "partition" in res.stderr.lower(), res.stderr
     assert not dump.exists()
+
+
+def test_h_lock_of_a_slurm_job_elsewhere_is_stale_once_the_job_is_gone(slurm_cluster, monkeypatch):
+    """The dump-dir lock of a run on another host is taken over as soon as squeue no longer lists its job alive
+    (no waiting for the heartbeat to go stale), and not while it does."""
+    from lingua.lock import why_dead
+
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    job = slurm_cluster.run("sbatch", "--parsable", "--output=/dev/null", "--wrap", "sleep 300").stdout.split(";")[0]
+    job = job.strip()
+    try:
+        slurm_cluster.wait_job(job, states=("RUNNING",), timeout=60)
+        holder = {"host": "another-host", "pid": 1, "slurm_job_id": job, "slurm_restart": 0, "age_s": 1.0}
+        assert why_dead(holder) is None
+        slurm_cluster.run("scancel", job)
+        slurm_cluster.wait_job(job, states=("CANCELLED",), timeout=60)
+        assert why_dead(holder) == f"its SLURM job {job} is no longer running"
+    finally:
+        slurm_cluster.run("scancel", job, check=False)
