@@ -15,7 +15,7 @@ PARAMS_FILE = "params.json"
 METADATA_FILE = ".metadata"
 LOAD_STEP_FILE = "load_step_used.json"  # in the checkpoint folder: the checkpoint.load_step a start resumed from
 STEP_RE = re.compile(r"^\d{10}$")
-FORMAT_VERSION = 2  # 2: RNG states as plain JSON (1: a base64 pickle, never loaded)
+FORMAT_VERSION = 3  # 3: tensors stored as raw bytes (checkpoint_storage.RAW); 2: RNG states as plain JSON (1: a pickle)
 # The other folders of a checkpoint folder are named after a step folder:
 STAGING_SUFFIX = ".tmp"  # <step>.tmp: a save being written; removed at the next start if the run died
 DELETING_SUFFIX = ".deleting"  # <step>.deleting: retention is deleting it; likewise removed at the next start

@@ -101,10 +101,11 @@ def model_args_from_params(params: dict) -> LMTransformerArgs:
     return margs
 
 
-def load_weights(source: ModelSource, model) -> None:
-    """Fill a built (sharded) model's parameters from the source, whatever its kind and the world size."""
+def load_weights(source: ModelSource, model, group=None) -> None:
+    """Fill a built (sharded) model's parameters from the source, whatever its kind and the world size (`group`:
+    the gloo group whose ranks agree that a checkpoint loaded)."""
     if source.kind == "dcp":
-        load_model_optim(source.path, model)
+        load_model_optim(source.path, model, group=group)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -129,7 +130,7 @@ def _check_shapes(source: ModelSource, state: dict, model) -> None:
 def load_model(source: ModelSource, dist_state, dist_args) -> LMTransformer:
     """Build the FSDP model from the source's config and load its weights; in eval mode."""
     model = build_model(source.model_args, dist_state, dist_args)  # buffers only: every parameter is loaded
-    load_weights(source, model)
+    load_weights(source, model, dist_state.cpu_group)
     model.eval()
     logger.info(f"loaded {source.kind} checkpoint {source.weights or source.path} (step {source.step})")
     return model

@@ -15,7 +15,10 @@ Start-up, `repeats` times (the checkpoint-sized model of ckpt_bench, N processes
 Load, in one torchrun launch on the last checkpoint, alternating, from a cold page cache and then warm:
   - load: lingua.checkpoint.load_model_optim (what the trainer's restore does) into a new model + optimizer
           (built untimed before each load, as a resuming trainer has them);
-  - raw:  every rank reads its own files of that checkpoint with plain reads (the same bytes in total).
+  - raw:  every rank reads its own files of that checkpoint with plain reads (the same bytes in total) into one
+          reused buffer;
+  - raw into new memory (warm, informative): the same reads into newly allocated tensors, as a load into a new
+          model must (the first touch of every page costs a page fault): what is left of the warm load's gap.
 
     python -m apps.bench.run --only resume
 """
@@ -127,12 +130,16 @@ def run(ctx: common.BenchContext) -> dict:
         "load_warm_s": common.median(load["load_warm_s"]),
         "raw_read_warm_s": common.median(load["raw_warm_s"]),
         "load_vs_raw_read_warm": common.median([ld / rw for ld, rw in zip(load["load_warm_s"], load["raw_warm_s"])]),
+        "raw_read_new_warm_s": common.median(load["raw_new_warm_s"]),
+        "load_vs_raw_read_new_warm": common.median([ld / rw for ld, rw in zip(load["load_warm_s"],
+                                                                              load["raw_new_warm_s"])]),
         "cold_cache": cold and load["cold"],
         "raw_read_bytes": load["read_bytes"],
         "resumed_from_step_1": resumed_from_step_1,
         "runs": {"fresh": fresh, "resumed": resumed, "first_step": first_step, "steady_step": steady,
                  "restore_in_trainer": restore_s, "load": load["load_s"], "raw_read": load["raw_s"],
-                 "load_warm": load["load_warm_s"], "raw_read_warm": load["raw_warm_s"]},
+                 "load_warm": load["load_warm_s"], "raw_read_warm": load["raw_warm_s"],
+                 "raw_read_new_warm": load["raw_new_warm_s"]},
     }
 
 
@@ -161,10 +168,31 @@ def rows(res: dict) -> list:
         common.Row("resume", "checkpoint load (warm cache)", res["load_warm_s"], "s", res["raw_read_warm_s"],
                    f"raw read of {mb}, warm", res["load_vs_raw_read_warm"], TARGET_LOAD,
                    common.check(res["load_vs_raw_read_warm"], TARGET_LOAD)),
+        common.Row("resume", "checkpoint load (warm cache) vs reading into new memory", res["load_warm_s"], "s",
+                   res["raw_read_new_warm_s"], f"raw read of {mb} into new tensors, warm",
+                   res["load_vs_raw_read_new_warm"]),
     ]
 
 
 # ------------------------------------------------------------------------------------------ worker side
+
+
+def _raw_read_new(paths: list) -> int:
+    """Every file into a newly allocated tensor of its size (one readinto per file)."""
+    import torch
+
+    total = 0
+    for p in paths:
+        buf = torch.empty(os.path.getsize(p), dtype=torch.uint8)
+        with open(p, "rb", buffering=0) as f:
+            view = memoryview(buf.numpy())
+            while len(view):
+                n = f.readinto(view)
+                if not n:
+                    break
+                total += n
+                view = view[n:]
+    return total
 
 
 def _raw_read(paths: list, chunk: int = 64 << 20) -> int:
@@ -203,7 +231,8 @@ def worker(a) -> int:
     rank, group = dist_state.env.rank, dist_state.cpu_group
     files = _ckpt_files(a.ckpt)
     mine = [p for p in files if written_by(os.path.basename(p), rank, dist_state.dp_rank)]  # every file once
-    res = {"load_s": [], "raw_s": [], "load_warm_s": [], "raw_warm_s": [], "cold": True, "read_bytes": 0}
+    res = {"load_s": [], "raw_s": [], "load_warm_s": [], "raw_warm_s": [], "raw_new_warm_s": [], "cold": True,
+           "read_bytes": 0}
     read = []  # bytes each raw read of this rank got
 
     def timed(fn, cold=True):
@@ -225,6 +254,8 @@ def worker(a) -> int:
                     del model, optimizer
                 else:
                     res["raw" + suffix].append(timed(lambda: read.append(_raw_read(mine)), cold))
+                    if not cold:
+                        res["raw_new_warm_s"].append(timed(lambda: read.append(_raw_read_new(mine)), False))
     t = torch.tensor([read[-1]], dtype=torch.int64)
     dist.all_reduce(t, group=group)
     res["read_bytes"] = int(t.item())  # the raw baseline read every byte of the checkpoint

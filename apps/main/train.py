@@ -223,7 +223,7 @@ class Trainer:
             self.model.init_weights()
             if args.checkpoint.init_ckpt_path:
                 logger.info(f"initialising model weights from {args.checkpoint.init_ckpt_path} (fresh optimizer)")
-                load_weights(find_model(args.checkpoint.init_ckpt_path), self.model)
+                load_weights(find_model(args.checkpoint.init_ckpt_path), self.model, self.dist.cpu_group)
         if self.state.data is None and self._data_fresh:
             self.state.data = self._data_started  # the loader already runs from a fresh stream
         elif self.state.data != self._data_started:  # the load fell back to another checkpoint, or started fresh

@@ -1,0 +1,124 @@
+"""lingua/checkpoint_storage.py in one process: the raw shard format, its crc32 taken from the write, checkpoints
+written by DCP's own writer (earlier lingua versions, other frameworks), damaged shards, and a failed load."""
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from lingua.checkpoint import CheckpointError, file_crc32, load_model_optim, model_optim_state
+from lingua.checkpoint_storage import RAW, ShardWriter, dcp_load, read_metadata
+
+
+def _save(state: dict, path: str, writer=None) -> dict:
+    crcs: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
+        dcp.save(state, storage_writer=writer or ShardWriter(path, crcs), no_dist=True)
+    return crcs
+
+
+def _state() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"model": {"w": torch.randn(7, 5, generator=g), "b": torch.randn(5, generator=g).to(torch.bfloat16),
+                      "step": torch.tensor(3.0), "empty": torch.zeros(0, 4)},
+            "optim": {"lr": 0.1, "t": torch.arange(6, dtype=torch.int64).reshape(2, 3)[:, 1:]}}  # not contiguous
+
+
+def _zeros_like(state: dict) -> dict:
+    return {k: _zeros_like(v) if isinstance(v, dict) else torch.zeros_like(v) if isinstance(v, torch.Tensor) else None
+            for k, v in state.items()}
+
+
+def _assert_equal(a: dict, b: dict) -> None:
+    for k, v in a.items():
+        if isinstance(v, dict):
+            _assert_equal(v, b[k])
+        elif isinstance(v, torch.Tensor):
+            assert v.dtype == b[k].dtype and torch.equal(v, b[k]), k
+        else:
+            assert v == b[k], k
+
+
+def test_raw_shards_round_trip_with_the_crc32_of_their_bytes(tmp_path):
+    state = _state()
+    crcs = _save(state, str(tmp_path / "ck"))
+    names = sorted(os.listdir(tmp_path / "ck"))
+    assert names == [".metadata", "__0_0.distcp"]
+    for name in names:  # the crc32 recorded while writing is the crc32 of the file's bytes
+        assert crcs[name] == file_crc32(str(tmp_path / "ck" / name)), name
+    md = read_metadata(str(tmp_path / "ck"))
+    tensor_infos = [v for k, v in md.storage_data.items() if k.fqn != "optim.lr"]
+    assert all(list(v.transform_descriptors) == [RAW] for v in tensor_infos)
+    # Every tensor piece is its bytes in C order, nothing else.
+    assert os.path.getsize(tmp_path / "ck" / "__0_0.distcp") == sum(v.length for v in md.storage_data.values())
+    w = next(v for k, v in md.storage_data.items() if k.fqn == "model.w")
+    with open(tmp_path / "ck" / "__0_0.distcp", "rb") as f:
+        f.seek(w.offset)
+        assert f.read(w.length) == state["model"]["w"].numpy().tobytes()
+    loaded = _zeros_like(state)
+    dcp_load(loaded, str(tmp_path / "ck"), no_dist=True)
+    _assert_equal(state, loaded)
+
+
+def test_a_piece_is_converted_to_the_destinations_dtype(tmp_path):
+    _save({"w": torch.randn(4, 4)}, str(tmp_path / "ck"))
+    dest = {"w": torch.zeros(4, 4, dtype=torch.bfloat16)}
+    dcp_load(dest, str(tmp_path / "ck"), no_dist=True)
+    src = torch.zeros(4, 4)
+    dcp_load({"w": src}, str(tmp_path / "ck"), no_dist=True)
+    assert torch.equal(dest["w"], src.to(torch.bfloat16))
+
+
+def test_checkpoints_of_dcps_own_writer_still_load(tmp_path):
+    """torch.save'd pieces (lingua before the raw format, other DCP users) are read as DCP reads them."""
+    state = _state()
+    _save(state, str(tmp_path / "ck"), dcp.FileSystemWriter(str(tmp_path / "ck")))
+    md = read_metadata(str(tmp_path / "ck"))
+    assert not any(v.transform_descriptors for v in md.storage_data.values())
+    loaded = _zeros_like(state)
+    dcp_load(loaded, str(tmp_path / "ck"), no_dist=True)
+    _assert_equal(state, loaded)
+
+
+def test_dcps_own_reader_refuses_raw_shards_instead_of_misreading_them(tmp_path):
+    _save({"w": torch.randn(3)}, str(tmp_path / "ck"))
+    with warnings.catch_warnings(), pytest.raises(BaseException, match="Unknown extension name='lingua.raw'"):
+        warnings.simplefilter("ignore")
+        dcp.load({"w": torch.zeros(3)}, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
+
+
+def test_a_truncated_shard_is_one_clear_error(tmp_path):
+    _save({"w": torch.randn(100)}, str(tmp_path / "ck"))
+    shard = tmp_path / "ck" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:150])
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp is truncated: 'w' needs bytes 0\.\.400"):
+        dcp_load({"w": torch.zeros(100)}, str(tmp_path / "ck"), no_dist=True)
+
+
+def test_a_failed_load_leaves_no_uninitialised_optimizer_state(tmp_path):
+    """The moments a load creates are left uninitialised for the checkpoint to fill: when it fails they go."""
+    from lingua.transformer import LMTransformer, LMTransformerArgs
+
+    margs = LMTransformerArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, max_seqlen=16)
+    model = LMTransformer(margs)
+    model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randint(0, 64, (2, 9))[:, :-1], torch.randint(0, 64, (2, 8))).backward()
+    opt.step()
+    _save(model_optim_state(model, opt), str(tmp_path / "ck"))
+
+    fresh = LMTransformer(margs)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.01)
+    load_model_optim(str(tmp_path / "ck"), fresh, fresh_opt, no_dist=True)
+    _assert_equal(model_optim_state(model, opt), model_optim_state(fresh, fresh_opt))
+
+    shard = tmp_path / "ck" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    broken = LMTransformer(margs)
+    broken_opt = torch.optim.AdamW(broken.parameters(), lr=0.01)
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model_optim(str(tmp_path / "ck"), broken, broken_opt, no_dist=True)
+    assert not broken_opt.state
