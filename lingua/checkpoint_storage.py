@@ -28,6 +28,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, WriteItemType
@@ -214,6 +215,8 @@ class ShardReader(dcp.FileSystemReader):
         for req in raw:
             by_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
         for rel, reqs in by_file.items():
+            if os.path.basename(rel) != rel or rel in ("", ".", ".."):  # .metadata is user data
+                raise CheckpointError(f"{self.path}: .metadata names a shard outside the checkpoint folder: {rel!r}")
             reqs.sort(key=lambda r: self.storage_data[r.storage_index].offset)
             with open(os.path.join(str(self.path), rel), "rb", buffering=0) as f:
                 for req in reqs:
@@ -236,8 +239,6 @@ class ShardReader(dcp.FileSystemReader):
         raise CheckpointError(f"{self.path}: .metadata has no piece of '{index.fqn}' at {list(index.offset)}")
 
     def _read_raw(self, f, rel: str, req, planner) -> None:
-        from torch.distributed._shard._utils import narrow_tensor_by_index
-
         info = self.storage_data[req.storage_index]
         sizes, dtype = self._chunk(req.storage_index)
         nbytes = torch.Size(sizes).numel() * dtype.itemsize

@@ -98,6 +98,18 @@ def test_a_truncated_shard_is_one_clear_error(tmp_path):
         dcp_load({"w": torch.zeros(100)}, str(tmp_path / "ck"), no_dist=True)
 
 
+def test_a_shard_path_outside_the_checkpoint_is_refused(tmp_path):
+    import pickle
+
+    _save({"w": torch.randn(3)}, str(tmp_path / "ck"))
+    md = read_metadata(str(tmp_path / "ck"))
+    for info in md.storage_data.values():
+        info.relative_path = "../elsewhere.distcp"
+    (tmp_path / "ck" / ".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(CheckpointError, match="names a shard outside the checkpoint folder: '../elsewhere.distcp'"):
+        dcp_load({"w": torch.zeros(3)}, str(tmp_path / "ck"), no_dist=True)
+
+
 def test_a_failed_load_leaves_no_uninitialised_optimizer_state(tmp_path):
     """The moments a load creates are left uninitialised for the checkpoint to fill: when it fails they go."""
     from lingua.transformer import LMTransformer, LMTransformerArgs
