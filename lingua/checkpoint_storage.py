@@ -144,8 +144,8 @@ class ShardWriter(dcp.FileSystemWriter):
             while (buf := pieces.get()) is not None:
                 crc[0] = zlib.crc32(buf, crc[0])
 
-        thread = threading.Thread(target=checksum, name="shard-crc32", daemon=True)
-        if self.checksums:
+        thread = threading.Thread(target=checksum, name="shard-crc32", daemon=True) if self.checksums else None
+        if thread:
             thread.start()
         results, offset = [], 0
         try:
@@ -159,17 +159,18 @@ class ShardWriter(dcp.FileSystemWriter):
                             data = data.cpu()
                         buf, descriptors = _tensor_bytes(data), [RAW]
                     f.write(buf)
-                    pieces.put(buf)
+                    if thread:
+                        pieces.put(buf)
                     results.append(WriteResult(index=item.index, size_in_bytes=buf.nbytes,
                                                storage_data=_StorageInfo(name, offset, buf.nbytes, descriptors)))
                     offset += buf.nbytes
                 f.flush()
                 os.fsync(f.fileno())
         finally:
-            pieces.put(None)
-            if self.checksums:
+            if thread:
+                pieces.put(None)
                 thread.join()
-        if self.checksums:
+        if thread:
             self.fs.crcs[name] = crc[0]
         fut: Future = Future()
         fut.set_result(results)
