@@ -13,8 +13,8 @@ into a buffer that is then narrowed and copied otherwise (a resharded resume); p
 (checkpoints written by DCP's own writer: earlier lingua versions, other frameworks) are read as DCP reads them.
 DCP's own reader refuses our shards with "Unknown extension name='lingua.raw'" instead of misreading them.
 
-The crc32 of every file is computed from the bytes as they are written (the commit record keeps it): no file
-is read back.
+The crc32 of every shard is computed from the bytes as they are written (the commit record keeps it): no shard
+is read back (only the small .metadata, which DCP writes itself).
 """
 
 import io
@@ -24,13 +24,12 @@ import queue
 import threading
 import warnings
 import zlib
-from contextlib import contextmanager
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
@@ -85,52 +84,18 @@ def read_metadata(ckpt_dir: str):
 # -------------------------------------------------------------------------------------------- writing
 
 
-class _Crc32Stream:
-    """A file that keeps the crc32 of the bytes written through it (every writer here only appends)."""
-
-    def __init__(self, f):
-        self._f = f
-        self.crc = 0
-
-    def write(self, data) -> int:
-        self.crc = zlib.crc32(data, self.crc)
-        return self._f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-
-class _CrcFileSystem(FileSystem):
-    """DCP's file system whose written files record their crc32 into `crcs` ({file name: crc32})."""
-
-    def __init__(self, crcs: dict):
-        super().__init__()
-        self.crcs = crcs
-
-    @contextmanager
-    def create_stream(self, path, mode):
-        with super().create_stream(path, mode) as f:
-            if "w" not in mode:
-                yield f
-                return
-            stream = _Crc32Stream(f)
-            yield stream
-            name = os.path.basename(str(path))
-            self.crcs[name[:-4] if name.endswith(".tmp") else name] = stream.crc  # DCP renames .metadata.tmp
-
-
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a CPU tensor in C order (a copy only if it is not contiguous)."""
     return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 class ShardWriter(dcp.FileSystemWriter):
-    """One file per rank (fsynced), tensors as raw bytes; `crcs` receives {file name: crc32} of every file written
-    (the shard and, on the coordinator, .metadata) unless checksums is False."""
+    """One file per rank (fsynced), tensors as raw bytes; `crcs` receives {file name: crc32} of the shard unless
+    checksums is False (DCP's small .metadata is written by DCP's own code: its crc32 is read back)."""
 
     def __init__(self, path: str, crcs: dict, checksums: bool = True):
         super().__init__(path, single_file_per_rank=True, sync_files=True)
-        self.fs = _CrcFileSystem(crcs)
+        self.crcs = crcs
         self.checksums = checksums
 
     def write_data(self, plan, planner) -> Future:
@@ -171,7 +136,7 @@ class ShardWriter(dcp.FileSystemWriter):
                 pieces.put(None)
                 thread.join()
         if thread:
-            self.fs.crcs[name] = crc[0]
+            self.crcs[name] = crc[0]
         fut: Future = Future()
         fut.set_result(results)
         return fut
