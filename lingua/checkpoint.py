@@ -688,14 +688,9 @@ class CheckpointManager:
         # The copy of the state (staging) runs in the background too; the trainer calls wait_staged() before
         # the next optimizer step changes the state. One stager for the run: its buffers are reused by every
         # save (at most one in flight), so a save does not allocate (or pin) a new copy each time.
-        if self._stager is None:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-            cuda = self.dist.device.type == "cuda"
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                        use_async_staging=True, use_non_blocking_copy=cuda))
         fut = dcp.async_save(state, storage_writer=ShardWriter(staging, crcs, self.args.checksums),
-                             process_group=self.async_group, async_stager=self._stager, planner=save_planner())
+                             process_group=self.async_group, async_stager=self._async_stager(),
+                             planner=save_planner())
         self._staging = getattr(fut, "staging_completion", None)
         fut = getattr(fut, "upload_completion", fut)  # AsyncSaveResponse in some torch versions
         blocked = time.time() - t0
@@ -720,6 +715,22 @@ class CheckpointManager:
         self.in_flight = flight
         logger.info(f"async checkpoint step {step} started; training blocked {blocked:.2f}s")
         return True
+
+    def _async_stager(self):
+        """The run's DCP stager (its copy buffers are reused by every save). Some torch versions (2.11) empty a
+        stager after each copy (its deep-copy table and buffers): there a used stager fails with "KeyError:
+        <class 'type'>", so a new one is made for each save."""
+        inner = getattr(self._stager, "_state_dict_stager", None)
+        if self._stager is not None and inner is not None and not getattr(inner, "_deepcopy_dispatch", True):
+            self._stager.close()
+            self._stager = None
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = self.dist.device.type == "cuda"
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=True, use_non_blocking_copy=cuda))
+        return self._stager
 
     def wait_staged(self) -> None:
         """Call before anything changes the model or optimizer state (optimizer.step): returns once the in-flight

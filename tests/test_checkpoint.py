@@ -269,6 +269,7 @@ class _FakeDist:
         rank, world_size = 0, 1
 
     dp_rank, dp_world_size, cpu_group = 0, 1, None
+    device = torch.device("cpu")
 
 
 def _fake_checkpoint(root, step, kinds):
@@ -302,6 +303,24 @@ def test_retention_never_deletes_newest_committed(tmp_path):
     manager.apply_retention()
     manager.close()
     assert sorted(int(n) for n in os.listdir(root)) == [3, 4, 5]
+
+
+def test_async_stager_is_kept_and_replaced_once_emptied(tmp_path):
+    """One stager for the run (its buffers are reused by every save); torch 2.11's DefaultStager empties itself at
+    the end of each copy (its own close() call, made here by hand), and an emptied one fails with KeyError on a
+    class object (DTensor specs hold them): then a new one is made."""
+    manager = CheckpointManager(CheckpointArgs(path=str(tmp_path / "ckpts")), str(tmp_path), _FakeDist(), {})
+    state = {"w": torch.arange(4.0), "cls": int}
+    first = manager._async_stager()
+    assert manager._async_stager() is first
+    assert first.stage(state).result()["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    first._state_dict_stager.close()
+    with pytest.raises(KeyError):
+        first.stage(state).result()
+    second = manager._async_stager()
+    assert second is not first and manager._async_stager() is second
+    assert second.stage(state).result()["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    manager.close()
 
 
 def test_retention_in_a_real_run(tmp_path, cfg):
