@@ -122,3 +122,15 @@ def test_unknown_part_is_an_error(tmp_path):
                            str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "trian" in proc.stderr
     assert not os.path.exists(tmp_path / "x.json")
+
+
+def test_device_cuda_is_checked_before_anything_runs(tmp_path):
+    """--device cuda needs a GPU and runs only the GPU parts; both are one-line errors up front. (The GPU path
+    itself ran on an H200 through the device tool: docs/benchmarks.md, "On a GPU".)"""
+    import torch
+
+    proc = subprocess.run([sys.executable, "-m", "apps.bench.run", "--device", "cuda", "--only", "resume", "--out",
+                           str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    want = "runs only the parts train,ckpt" if torch.cuda.is_available() else "no CUDA device is available"
+    assert proc.returncode == 2 and want in proc.stderr
+    assert not os.path.exists(tmp_path / "x.json")

@@ -12,7 +12,8 @@ times in rotating order:
            the save() call + the wait for the copy of the state before the first optimizer step; `background` =
            from save() returning to the commit. The steps that overlapped the write are compared with steps with
            no save in flight, measured in the same round (the target: tokens/s >= 0.9 of those).
-Each checkpoint is deleted (untimed) before the next measurement.
+Each checkpoint is deleted (untimed) before the next measurement. With --device cuda the model lives on the GPU
+(bf16 compute): a save includes the copy to host memory, the raw baseline writes bytes already there.
 
     python -m apps.bench.run --only ckpt
 """
@@ -38,8 +39,11 @@ def model_overrides(ctx: common.BenchContext) -> dict:
     """The checkpoint-sized model (shared with the resume benchmark): small batches, one logged step."""
     model = dict(QUICK_MODEL if ctx.quick else MODEL)
     model["max_seqlen"] = 64
-    return {"model": model, "data": {"batch_size": 1, "seq_len": 32 if ctx.quick else 64, "prefetch_size": 2},
-            "logging": {"freq": 1}, "checkpoint": {"dump": {"every": -1}, "eval": {"every": -1}}}
+    out = {"model": model, "data": {"batch_size": 1, "seq_len": 32 if ctx.quick else 64, "prefetch_size": 2},
+           "logging": {"freq": 1}, "checkpoint": {"dump": {"every": -1}, "eval": {"every": -1}}}
+    if ctx.device == "cuda":
+        out["distributed"] = {"device": "cuda", "model_dtype": "bf16"}
+    return out
 
 
 # ------------------------------------------------------------------------------------------ runner side
@@ -75,6 +79,7 @@ def measure(ctx: common.BenchContext, config: str, work: str, repeats: int, keep
     block_ratio = common.median([b / s for b, s in zip(raw["async_block_s"], raw["sync_s"])])
     return {
         "nproc": raw["world_size"],
+        "device": ctx.device,
         "n_params": raw["n_params"],
         "bytes": nbytes,
         "raw_write_s": raw_s,
@@ -107,7 +112,8 @@ def measure(ctx: common.BenchContext, config: str, work: str, repeats: int, keep
 
 def rows(res: dict) -> list:
     return [
-        common.Row("ckpt", f"checkpoint size ({res['n_params'] / 1e6:.3g}M params + AdamW)", res["bytes"], "B"),
+        common.Row("ckpt", f"checkpoint size ({res['n_params'] / 1e6:.3g}M params + AdamW"
+                           f"{', saved from GPU memory' if res.get('device') == 'cuda' else ''})", res["bytes"], "B"),
         common.Row("ckpt", "sync save bandwidth", res["sync_save_bytes_per_s"], "B/s", res["raw_write_bytes_per_s"],
                    "raw write+fsync", res["sync_vs_raw_bandwidth"], f">= {TARGET_SYNC_BW}",
                    common.check(res["sync_vs_raw_bandwidth"], f">= {TARGET_SYNC_BW}")),
@@ -140,7 +146,7 @@ def _local_tensors(model, optimizer) -> list:
     out = []
     for _, v in _flatten(model_optim_state(model, optimizer), ""):
         if isinstance(v, torch.Tensor):
-            t = (v.to_local() if hasattr(v, "to_local") else v).detach().contiguous().reshape(-1)
+            t = (v.to_local() if hasattr(v, "to_local") else v).detach().cpu().contiguous().reshape(-1)
             out.append(t.view(torch.uint8).numpy())
     return out
 
@@ -177,6 +183,7 @@ def _train_step(model, optimizer, tokens, ckpt=None) -> tuple:
         waited = time.perf_counter() - t
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    common.synchronize(tokens.device.type)
     return time.perf_counter() - t0, waited
 
 
@@ -196,7 +203,8 @@ def build_trained(config: str, dump_dir: str, extra=()):
     model = build_model(args.model, dist_state, args.distributed, init=True)
     optimizer, scheduler = build_optimizer(model, args.optim, args.steps)
     g = torch.Generator().manual_seed(dist_state.env.rank)
-    tokens = torch.randint(0, args.model.vocab_size, (args.data.batch_size, args.data.seq_len + 1), generator=g)
+    tokens = torch.randint(0, args.model.vocab_size, (args.data.batch_size, args.data.seq_len + 1),
+                           generator=g).to(dist_state.device)
     model(tokens[:, :-1], tokens[:, 1:]).backward()
     optimizer.step()
     scheduler.step()
@@ -229,7 +237,8 @@ def worker(a) -> int:
     os.makedirs(raw_dir, exist_ok=True)
     arrays = _local_tensors(model, optimizer)
     g = torch.Generator().manual_seed(rank)
-    tokens = torch.randint(0, args.model.vocab_size, (args.data.batch_size, args.data.seq_len + 1), generator=g)
+    tokens = torch.randint(0, args.model.vocab_size, (args.data.batch_size, args.data.seq_len + 1),
+                           generator=g).to(dist_state.device)
     res = {"world_size": world, "n_params": num_params(model), "checksums": args.checkpoint.checksums, "bytes": None,
            **{k: [] for k in ("raw_s", "sync_s", "sync_nocrc_s", "async_block_s", "async_save_call_s",
                               "async_staged_wait_s", "async_background_s", "step_during_async_s", "step_s",
@@ -238,9 +247,11 @@ def worker(a) -> int:
     step = 1000
 
     def timed(fn):
+        common.synchronize(dist_state.device.type)
         dist.barrier(group=group)
         t = time.perf_counter()
         out = fn()
+        common.synchronize(dist_state.device.type)
         dist.barrier(group=group)
         return time.perf_counter() - t, out
 

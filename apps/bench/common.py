@@ -36,6 +36,7 @@ class BenchContext:
     repeats: int = 3  # interleaved repeats of each measurement (the median is reported)
     nproc: int = 2  # processes of the distributed benchmarks
     threads: int = 1  # intra-op threads per process (OMP_NUM_THREADS), as torchrun sets by default
+    device: str = "cpu"  # cpu | cuda: cuda runs the train and ckpt parts on GPUs (bf16, NCCL, one GPU a process)
     results: Dict[str, dict] = field(default_factory=dict)  # results of the parts already run (scaling reuses train)
     log: bool = True  # progress lines on stderr
 
@@ -79,6 +80,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -276,18 +278,40 @@ class Rendezvous:
             signal.signal(sig, signal.SIG_DFL)
 
 
-def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
-    """Best FLOP/s of an n x n fp32 torch.mm in this process (its intra-op thread count)."""
+def matmul_peak_flops(n: int = 2048, reps: int = 5, device: str = "cpu") -> float:
+    """Best FLOP/s of an n x n torch.mm in this process: fp32 on the CPU (its intra-op thread count), bf16 on a
+    GPU (what the trainer's mixed precision multiplies in)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)  # warm-up
     best = float("inf")
     for _ in range(reps):
+        synchronize(device)
         t = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return 2.0 * n**3 / best
+
+
+def nominal_peak_flops(device: str) -> Optional[float]:
+    """The data-sheet bf16 dense peak of this process's GPU (the trainer's own table), None if unknown or on the
+    CPU."""
+    import torch
+
+    from lingua.metrics import gpu_peak_flops
+
+    return gpu_peak_flops(torch.device(device))
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work before reading a clock (nothing on the CPU)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def drop_page_cache(paths: List[str]) -> bool:
@@ -338,7 +362,9 @@ def fmt(x: Optional[float], unit: str = "") -> str:
     if unit == "%":
         return f"{100 * x:.1f}%"
     ax = abs(x)
-    if ax >= 1e9:
+    if ax >= 1e12:
+        s = f"{x / 1e12:.2f}T"
+    elif ax >= 1e9:
         s = f"{x / 1e9:.2f}G"
     elif ax >= 1e6:
         s = f"{x / 1e6:.2f}M"

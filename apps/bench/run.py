@@ -1,6 +1,7 @@
 """Run the benchmarks, print one table, write JSON.
 
     python -m apps.bench.run [--only train,scaling,ckpt,ckpt_scaling,resume,data] [--out bench.json] [--quick]
+    python -m apps.bench.run --device cuda --nproc 1 --only train,ckpt     # on a GPU: bf16, NCCL
 
 Parts (each a ratio against a baseline measured in the same run; see docs/benchmarks.md):
   train    the trainer's tokens/s against a plain FSDP2 loop (2 processes), MFU against a measured matmul peak
@@ -9,7 +10,10 @@ Parts (each a ratio against a baseline measured in the same run; see docs/benchm
   ckpt_scaling  the ckpt and load measurements at ~10M, ~60M and ~250M parameters
   resume   process start -> first step when resuming vs a fresh start; checkpoint load vs raw read
   data     the data loader (apps/bench/data_bench.py) and its headroom over what the trainer consumes
-A part that fails is reported in the JSON (and the exit code is 1); the others still run.
+With --device cuda the train part uses a GPU-sized model (bf16 compute, fp32 master weights) and reports MFU
+against the GPU's data-sheet bf16 dense peak as well as a measured bf16 matmul; the ckpt part saves the same
+model as on the CPU from GPU memory. A part that fails is reported in the JSON (and the exit code is 1); the
+others still run.
 """
 
 import argparse
@@ -23,6 +27,7 @@ import traceback
 from apps.bench import common
 
 PARTS = ("train", "scaling", "ckpt", "ckpt_scaling", "resume", "data")
+GPU_PARTS = ("train", "ckpt")  # the others measure CPU processes (or the loader, which does not use the GPU)
 MODULES = {"train": "apps.bench.train_bench", "scaling": "apps.bench.scaling_bench", "ckpt": "apps.bench.ckpt_bench",
            "ckpt_scaling": "apps.bench.ckpt_scaling_bench", "resume": "apps.bench.resume_bench",
            "data": "apps.bench.data_bench"}
@@ -51,6 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per measurement (median)")
     p.add_argument("--nproc", type=int, default=2, help="processes of the distributed parts (default 2)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process (default 1, as torchrun)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help=f"cuda: the parts {','.join(GPU_PARTS)} on GPUs, one a process (default cpu)")
     p.add_argument("--work-dir", default=None, help="scratch folder (default: a temp dir, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, configs)")
     p.add_argument("--markdown", default=None, help="also write the table with the machine line to this file")
@@ -59,16 +66,24 @@ def main(argv=None) -> int:
     unknown = [x for x in parts if x not in PARTS]
     if unknown:
         p.error(f"unknown part(s) {unknown}; choose from {','.join(PARTS)}")
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is available")
+        if any(x not in GPU_PARTS for x in parts):
+            p.error(f"--device cuda runs only the parts {','.join(GPU_PARTS)} (pass --only)")
     parts = [x for x in PARTS if x in parts]  # fixed order: scaling reuses train, data compares with train
 
     work = a.work_dir or tempfile.mkdtemp(prefix="lingua_bench_")
     os.makedirs(work, exist_ok=True)
-    ctx = common.BenchContext(work_dir=work, quick=a.quick, repeats=a.repeats, nproc=a.nproc, threads=a.threads)
+    ctx = common.BenchContext(work_dir=work, quick=a.quick, repeats=a.repeats, nproc=a.nproc, threads=a.threads,
+                              device=a.device)
     machine = common.machine_info()
     ctx.say(f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}; parts {parts}; work dir {work}")
     report = {"machine": machine, "git": common.git_revision(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "quick": a.quick, "repeats": a.repeats, "nproc": a.nproc, "threads": a.threads, "parts": {},
-              "errors": {}}
+              "quick": a.quick, "device": a.device, "repeats": a.repeats, "nproc": a.nproc, "threads": a.threads,
+              "parts": {}, "errors": {}}
     rows = []
     t_start = time.time()
     for part in parts:
@@ -93,7 +108,8 @@ def main(argv=None) -> int:
     table = common.format_table(rows)
     report["table"] = table
     common.write_json(a.out, report)
-    machine_line = (f"{machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "
+    gpu = f"{machine['gpu']} ({a.nproc} used), " if a.device == "cuda" else ""
+    machine_line = (f"{gpu}{machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "
                     f"{machine['mem_gib']} GiB RAM, torch {machine['torch']}, Python {machine['python']}; "
                     f"{a.nproc} processes x {a.threads} thread; load average {machine['load_avg_at_start'][0]} at "
                     f"start, {report['load_avg_at_end'][0]} at end; {report['seconds']:.0f} s in all")

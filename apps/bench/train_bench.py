@@ -11,7 +11,8 @@ One torchrun launch (N processes) runs, alternately and `repeats` times:
     barrier-timed loop over the same steps.
 The ratio trainer / reference is taken per pair and the median reported. MFU uses the FLOPs per token of
 lingua.transformer.flops_per_token against the matmul peak measured in the same processes (each rank times
-a large torch.mm at the same time; the peaks are summed).
+a large torch.mm at the same time; the peaks are summed). With --device cuda: a GPU-sized model (GPU_MODEL,
+bf16 compute), NCCL, one GPU a process, and MFU also against the GPU's data-sheet bf16 dense peak.
 
     python -m apps.bench.run --only train
 """
@@ -27,6 +28,9 @@ from apps.bench import common
 
 TARGET_RATIO = 0.98
 TRAIN_REPEATS = 5  # interleaved trainer / reference pairs (at least): the ratio is within a few % of 1
+# ~380M parameters, 8k tokens a step: big enough for a GPU's matmuls, a 4.5 GB final checkpoint per trainer run.
+GPU_MODEL = {"dim": 2048, "n_layers": 8, "n_heads": 16, "n_kv_heads": 8, "multiple_of": 256, "max_seqlen": 2048}
+GPU_DATA = {"batch_size": 4, "seq_len": 2048}
 
 
 # ------------------------------------------------------------------------------------------ runner side
@@ -35,6 +39,8 @@ TRAIN_REPEATS = 5  # interleaved trainer / reference pairs (at least): the ratio
 def sizes(ctx: common.BenchContext) -> dict:
     if ctx.quick:
         return {"steps": 6, "warmup": 2, "log_freq": 2, "repeats": 1, "mm": 256}
+    if ctx.device == "cuda":  # GPU steps are short: more of them; fewer repeats (device time is scarce)
+        return {"steps": 120, "warmup": 20, "log_freq": 10, "repeats": ctx.repeats, "mm": 8192}
     return {"steps": 70, "warmup": 20, "log_freq": 10, "repeats": max(ctx.repeats, TRAIN_REPEATS), "mm": 2048}
 
 
@@ -43,6 +49,9 @@ def launch(ctx: common.BenchContext, nproc: int, mode: str = "both", tag: str = 
     sz = sizes(ctx)
     overrides = {"logging": {"freq": sz["log_freq"]}, "steps": sz["steps"],
                  "checkpoint": {"dump": {"every": -1}, "eval": {"every": -1}}}
+    if ctx.device == "cuda":
+        overrides["model"], overrides["data"] = dict(GPU_MODEL), dict(GPU_DATA)
+        overrides["distributed"] = {"device": "cuda", "model_dtype": "bf16"}
     if ctx.quick:
         overrides["model"] = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32}
         overrides["data"] = {"batch_size": 2, "seq_len": 32, "prefetch_size": 4}
@@ -53,7 +62,7 @@ def launch(ctx: common.BenchContext, nproc: int, mode: str = "both", tag: str = 
     out = os.path.join(work, "result.json")
     args = ["--worker", "--config", config, "--work", work, "--out", out, "--mode", mode,
             "--steps", str(sz["steps"]), "--warmup", str(sz["warmup"]), "--repeats", str(sz["repeats"]),
-            "--mm", str(sz["mm"])]
+            "--mm", str(sz["mm"]), "--device", ctx.device]
     ctx.say(f"{tag}: torchrun x{nproc}, {sz['repeats']} x ({mode}), {sz['steps']} steps each")
     common.run_logged(common.torchrun_cmd(nproc, "apps.bench.train_bench", args), os.path.join(work, "log.txt"),
                       common.bench_env(ctx.threads), timeout=1800)
@@ -80,12 +89,16 @@ def summarize(raw: dict) -> dict:
         "ratio": common.median(pairs),
         "ratio_runs": pairs,
         "matmul_peak_flops": raw["peak_flops"],
+        "nominal_peak_flops": raw.get("nominal_peak_flops"),
+        "device": raw.get("device", "cpu"),
+        "gpu": raw.get("gpu"),
         "steps_timed": raw["steps"] - raw["warmup"],
     }
-    if tps and raw["peak_flops"]:
-        out["mfu"] = raw["flops_per_token"] * tps / raw["peak_flops"]
-    if out["reference_tokens_per_s"] and raw["peak_flops"]:
-        out["reference_mfu"] = raw["flops_per_token"] * out["reference_tokens_per_s"] / raw["peak_flops"]
+    for key, peak in (("", raw["peak_flops"]), ("_nominal", raw.get("nominal_peak_flops"))):
+        if tps and peak:
+            out[f"mfu{key}"] = raw["flops_per_token"] * tps / peak
+        if out["reference_tokens_per_s"] and peak:
+            out[f"reference_mfu{key}"] = raw["flops_per_token"] * out["reference_tokens_per_s"] / peak
     return out
 
 
@@ -97,14 +110,22 @@ def run(ctx: common.BenchContext) -> dict:
 
 def rows(res: dict) -> list:
     n = res["nproc"]
-    return [
-        common.Row("train", f"tokens/s, trainer, {n} procs", res["trainer_tokens_per_s"], "tok/s",
+    where = f"{n} GPU{'s' if n > 1 else ''}, bf16, {res['n_params'] / 1e6:.0f}M params" if res.get(
+        "device") == "cuda" else f"{n} procs"
+    peak = "bf16 matmul peak, measured" if res.get("device") == "cuda" else "matmul peak"
+    out = [
+        common.Row("train", f"tokens/s, trainer, {where}", res["trainer_tokens_per_s"], "tok/s",
                    res["reference_tokens_per_s"], "plain FSDP2 loop", res["ratio"], f">= {TARGET_RATIO}",
                    common.check(res["ratio"], f">= {TARGET_RATIO}")),
-        common.Row("train", "MFU, trainer", res.get("mfu"), "%", res.get("reference_mfu"), "plain loop MFU",
-                   None),
-        common.Row("train", "matmul peak (sum of ranks)", res["matmul_peak_flops"], "FLOP/s"),
+        common.Row("train", f"MFU, trainer (against the {peak})", res.get("mfu"), "%", res.get("reference_mfu"),
+                   "plain loop MFU", None),
+        common.Row("train", f"{peak} (sum of ranks)", res["matmul_peak_flops"], "FLOP/s"),
     ]
+    if res.get("nominal_peak_flops"):
+        out.append(common.Row("train", f"MFU, trainer (against the data-sheet bf16 dense peak, "
+                                       f"{common.fmt(res['nominal_peak_flops'], 'FLOP/s')})", res.get("mfu_nominal"),
+                              "%", res.get("reference_mfu_nominal"), "plain loop MFU", None))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ worker side
@@ -121,18 +142,21 @@ def _trainer_tps(metrics_path: str, warmup: int, steps: int, tokens_per_step: in
     return (steps - warmup) * tokens_per_step * world / (t1 - t0)
 
 
-def _build_reference(train_args, mesh):
+def _build_reference(train_args, mesh, device: str):
     import torch
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from lingua.transformer import LMTransformer
 
     with torch.device("meta"):
         model = LMTransformer(train_args.model)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the trainer's mixed precision, as configured
+    d = train_args.distributed
+    mp = MixedPrecisionPolicy(param_dtype=dtypes[d.model_dtype], reduce_dtype=dtypes[d.reduce_dtype])
     for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    model.to_empty(device="cpu")
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.to_empty(device=device)
     model.init_weights()
     o = train_args.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.epsilon,
@@ -140,33 +164,52 @@ def _build_reference(train_args, mesh):
     return model, opt
 
 
-def _reference_tps(train_args, steps: int, warmup: int, mm: int, rdzv):
+def _init_group(device: str) -> None:
+    """The phase's process group: NCCL on this rank's GPU, gloo on the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+    else:
+        dist.init_process_group("gloo")
+
+
+def _summed_peak(mm: int, device: str) -> float:
+    """The matmul peak of every rank timed at the same time, summed (a collective)."""
+    import torch
+    import torch.distributed as dist
+
+    dist.barrier()
+    t = torch.tensor([common.matmul_peak_flops(mm, device=device)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def _reference_tps(train_args, steps: int, warmup: int, mm: int, rdzv, device: str):
     """(tokens/s of all ranks, summed matmul FLOP/s of all ranks timed at the same time) of the plain loop."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     rdzv.next()
-    dist.init_process_group("gloo")
+    _init_group(device)
     try:
         world = dist.get_world_size()
-        peak = None
-        if mm:
-            dist.barrier()
-            t = torch.tensor([common.matmul_peak_flops(mm)], dtype=torch.float64)
-            dist.all_reduce(t)
-            peak = t.item()
-        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
-        model, opt = _build_reference(train_args, mesh)
+        peak = _summed_peak(mm, device) if mm else None
+        mesh = init_device_mesh(device, (world,), mesh_dim_names=("dp",))
+        model, opt = _build_reference(train_args, mesh, device)
         d = train_args.data
         g = torch.Generator().manual_seed(dist.get_rank())
         batches = [torch.randint(0, train_args.model.vocab_size, (d.batch_size, d.seq_len + 1), generator=g)
-                   for _ in range(8)]
+                   .to(device) for _ in range(8)]
         clip = train_args.optim.clip if train_args.optim.clip > 0 else float("inf")
         gc.disable()  # as the trainer does
         t0 = None
         for step in range(steps):
             if step == warmup:
+                common.synchronize(device)
                 dist.barrier()
                 t0 = time.perf_counter()
             b = batches[step % len(batches)]
@@ -175,6 +218,7 @@ def _reference_tps(train_args, steps: int, warmup: int, mm: int, rdzv):
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip, foreach=True)
             opt.step()
             opt.zero_grad(set_to_none=True)
+        common.synchronize(device)
         dist.barrier()
         elapsed = time.perf_counter() - t0
         gc.enable()
@@ -207,7 +251,12 @@ def worker(a) -> int:
     result = {"world_size": world, "threads": torch.get_num_threads(), "steps": a.steps, "warmup": a.warmup,
               "tokens_per_step": tokens_per_step, "n_params": n_params,
               "flops_per_token": flops_per_token(targs.model, n_params, targs.data.seq_len),
-              "trainer_tps": [], "reference_tps": [], "peak_flops": None, "peak_flops_runs": []}
+              "trainer_tps": [], "reference_tps": [], "peak_flops": None, "peak_flops_runs": [],
+              "device": a.device, "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None,
+              "nominal_peak_flops": None}
+    nominal = common.nominal_peak_flops(a.device)
+    if nominal:
+        result["nominal_peak_flops"] = nominal * world
     for r in range(a.repeats):
         order = ["trainer", "reference"] if r % 2 == 0 else ["reference", "trainer"]
         if a.mode != "both":
@@ -224,7 +273,7 @@ def worker(a) -> int:
                         _trainer_tps(os.path.join(dump, "metrics.jsonl"), a.warmup, a.steps, tokens_per_step, world))
             else:
                 # The matmul peak is timed in every reference phase; the best is the machine's peak.
-                tps, peak = _reference_tps(targs, a.steps, a.warmup, a.mm, rdzv)
+                tps, peak = _reference_tps(targs, a.steps, a.warmup, a.mm, rdzv, a.device)
                 result["reference_tps"].append(tps)
                 result["peak_flops_runs"].append(peak)
                 result["peak_flops"] = max(result["peak_flops_runs"])
@@ -232,11 +281,8 @@ def worker(a) -> int:
         import torch.distributed as dist
 
         rdzv.next()
-        dist.init_process_group("gloo")
-        dist.barrier()
-        t = torch.tensor([common.matmul_peak_flops(a.mm)], dtype=torch.float64)
-        dist.all_reduce(t)
-        result["peak_flops"] = t.item()
+        _init_group(a.device)
+        result["peak_flops"] = _summed_peak(a.mm, a.device)
         dist.destroy_process_group()
     if rank == 0:
         common.write_json(a.out, result)
@@ -254,6 +300,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mm", type=int, default=2048)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = p.parse_args(argv)
     if a.worker:
         return worker(a)
