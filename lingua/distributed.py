@@ -227,12 +227,20 @@ def gather_objects(obj, group=None) -> list:
     return out
 
 
-def parallelize_model(model: torch.nn.Module, mesh: DeviceMesh, args: DistributedArgs) -> torch.nn.Module:
-    """FSDP2 on each transformer block and the root, with optional activation checkpointing and compile."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def mixed_precision_policy(args: DistributedArgs):
+    """FSDP2's mixed precision as configured: compute in model_dtype, reduce gradients in reduce_dtype (the
+    sharded master weights stay fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    mp = MixedPrecisionPolicy(param_dtype=dtypes[args.model_dtype], reduce_dtype=dtypes[args.reduce_dtype])
+    return MixedPrecisionPolicy(param_dtype=dtypes[args.model_dtype], reduce_dtype=dtypes[args.reduce_dtype])
+
+
+def parallelize_model(model: torch.nn.Module, mesh: DeviceMesh, args: DistributedArgs) -> torch.nn.Module:
+    """FSDP2 on each transformer block and the root, with optional activation checkpointing and compile."""
+    from torch.distributed.fsdp import fully_shard
+
+    mp = mixed_precision_policy(args)
     dp_mesh = mesh["dp_replicate", "dp_shard"]
     if dp_mesh.size(0) == 1:
         # One replica: the 1-D shard mesh is the same sharding. A 2-D mesh would make FSDP2 run HSDP, with an

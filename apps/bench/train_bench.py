@@ -144,15 +144,14 @@ def _trainer_tps(metrics_path: str, warmup: int, steps: int, tokens_per_step: in
 
 def _build_reference(train_args, mesh, device: str):
     import torch
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
+    from lingua.distributed import mixed_precision_policy
     from lingua.transformer import LMTransformer
 
     with torch.device("meta"):
         model = LMTransformer(train_args.model)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the trainer's mixed precision, as configured
-    d = train_args.distributed
-    mp = MixedPrecisionPolicy(param_dtype=dtypes[d.model_dtype], reduce_dtype=dtypes[d.reduce_dtype])
+    mp = mixed_precision_policy(train_args.distributed)  # the trainer's mixed precision, as configured
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
