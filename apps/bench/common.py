@@ -296,16 +296,6 @@ def matmul_peak_flops(n: int = 2048, reps: int = 5, device: str = "cpu") -> floa
     return 2.0 * n**3 / best
 
 
-def nominal_peak_flops(device: str) -> Optional[float]:
-    """The data-sheet bf16 dense peak of this process's GPU (the trainer's own table), None if unknown or on the
-    CPU."""
-    import torch
-
-    from lingua.metrics import gpu_peak_flops
-
-    return gpu_peak_flops(torch.device(device))
-
-
 def synchronize(device: str) -> None:
     """Wait for the GPU's queued work before reading a clock (nothing on the CPU)."""
     if device == "cuda":

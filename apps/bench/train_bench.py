@@ -231,6 +231,7 @@ def worker(a) -> int:
 
     from apps.main.train import load_train_config
     from apps.main.train import main as train_main
+    from lingua.metrics import gpu_peak_flops
     from lingua.tokenizer import build_tokenizer
     from lingua.transformer import flops_per_token, num_params
 
@@ -253,7 +254,7 @@ def worker(a) -> int:
               "trainer_tps": [], "reference_tps": [], "peak_flops": None, "peak_flops_runs": [],
               "device": a.device, "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None,
               "nominal_peak_flops": None}
-    nominal = common.nominal_peak_flops(a.device)
+    nominal = gpu_peak_flops(torch.device(a.device))  # the data sheet's bf16 dense peak (the trainer's table)
     if nominal:
         result["nominal_peak_flops"] = nominal * world
     for r in range(a.repeats):
