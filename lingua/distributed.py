@@ -57,6 +57,9 @@ class DistributedArgs:
     compile: bool = False  # torch.compile each transformer block (slow to start on CPU)
     timeout_s: int = 300  # process-group timeout: a dead rank makes the others fail after this many seconds
     matmul_allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+    # Freed host memory stays in the process for reuse (glibc malloc; nothing elsewhere) rather than being handed back
+    # to the OS and page-faulted in again by the next step (~10% of a CPU step at 57M params). RSS stays at its peak.
+    keep_host_memory: bool = True  # see keep_host_memory() below
 
     def validate(self):
         if self.tp_size != 1:
@@ -157,8 +160,25 @@ class DistState:
         return self.env.rank == 0
 
 
+def keep_host_memory() -> bool:
+    """Make glibc's malloc keep what is freed for reuse: no trimming of the heap's top, and blocks below 32 MiB (the
+    most it allows) from the heap rather than from mmap. By default both thresholds move with use, and a training
+    step's buffers are returned and re-faulted at every step (~1,400 page faults a step for the debug model; tens of
+    thousands for a 57M model). False where there is no glibc malloc (nothing changed)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and bool(mallopt(m_mmap_threshold, 32 << 20))
+
+
 def setup_torch_distributed(args: DistributedArgs) -> DistState:
     """Create the process group (nccl or gloo) and the (dp_replicate, dp_shard, tp) mesh."""
+    if args.keep_host_memory:
+        keep_host_memory()
     env = get_launch_env()
     mesh_shape = check_mesh_shape(args, env.world_size)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

@@ -296,6 +296,20 @@ def matmul_peak_flops(n: int = 2048, reps: int = 5, device: str = "cpu") -> floa
     return 2.0 * n**3 / best
 
 
+def release_freed_memory() -> None:
+    """Give the memory this process freed back to the OS (glibc's malloc_trim), so that what is allocated next is
+    touched for the first time, as in a new process: the trainer's processes keep freed memory for reuse
+    (distributed.keep_host_memory), which would flatter a second load in the same process."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
+
+
 def synchronize(device: str) -> None:
     """Wait for the GPU's queued work before reading a clock (nothing on the CPU)."""
     if device == "cuda":

@@ -226,6 +226,7 @@ def worker(a) -> int:
 
     def fresh():
         """A new model + optimizer, as a resuming trainer has them (the first load is what a resume pays)."""
+        common.release_freed_memory()  # the last model's memory is not reused: a resume runs in a new process
         model = build_model(args.model, dist_state, args.distributed)
         return model, build_optimizer(model, args.optim, args.steps)[0]
     rank, group = dist_state.env.rank, dist_state.cpu_group
