@@ -147,14 +147,13 @@ def _build_reference(train_args, mesh, device: str):
     from torch.distributed.fsdp import fully_shard
 
     from lingua import distributed
-    from lingua.distributed import mixed_precision_policy
     from lingua.transformer import LMTransformer
 
     if getattr(train_args.distributed, "keep_host_memory", False):  # the trainer's allocator setting (a process's)
         distributed.keep_host_memory()
     with torch.device("meta"):
         model = LMTransformer(train_args.model)
-    mp = mixed_precision_policy(train_args.distributed)  # the trainer's mixed precision, as configured
+    mp = distributed.mixed_precision_policy(train_args.distributed)  # the trainer's mixed precision, as configured
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
