@@ -53,27 +53,33 @@ def test_same_seed_gives_identical_losses(tmp_path, reference_run):
 KEEP_HOST_MEMORY_CHILD = """
 import resource, sys, torch
 from lingua.distributed import keep_host_memory
+torch.set_num_threads(1)  # the fills in this thread too (no worker threads with heaps of their own)
 if sys.argv[1] == "keep":
     assert keep_host_memory()
 for i in range(10):
-    if i == 2:
+    if i == 4:  # after the heap's warm-up (which round grows it last depends on timing)
         start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     blocks = [torch.ones(5 << 20) for _ in range(3)]  # 3 x 20 MiB, freed together, as a step frees its buffers
     del blocks
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) // 8)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) // 6)
 """
+
+
+def _faults_per_round(mode: str) -> int:
+    proc = subprocess.run([sys.executable, "-c", KEEP_HOST_MEMORY_CHILD, mode], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return int(proc.stdout.split()[-1])
 
 
 def test_keep_host_memory_stops_refaulting_what_each_step_frees():
     """distributed.keep_host_memory (on by default): buffers freed and allocated again are not handed back to the
-    OS and page-faulted in again (by default glibc trims the freed top of its heap: ~10,000 faults per round)."""
-    faults = {}
-    for mode in ("default", "keep"):
-        proc = subprocess.run([sys.executable, "-c", KEEP_HOST_MEMORY_CHILD, mode], cwd=REPO, env=clean_env(),
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        faults[mode] = int(proc.stdout.split()[-1])
-    assert faults["default"] > 5_000 and faults["keep"] < 1_000, faults  # page faults per round (60 MiB = 15,360 pages)
+    OS and page-faulted in again. glibc's default trims the freed top of its heap (~10,000 faults a round here) in
+    most runs, not all (where small allocations land varies): the pattern must show it at least once."""
+    keep = [_faults_per_round("keep") for _ in range(3)]
+    assert max(keep) < 1_000, keep  # page faults per round (60 MiB = 15,360 pages)
+    default = next((f for f in (_faults_per_round("default") for _ in range(8)) if f > 5_000), None)
+    assert default is not None, "the pattern never re-faulted with glibc's default: it tests nothing on this machine"
 
 
 def test_gradient_accumulation_matches_bigger_batch(tmp_path, corpus):
