@@ -1,7 +1,8 @@
 """Who am I (torchrun / SLURM srun / a single process), process groups, the device mesh, and FSDP2.
 
 One process per device. The launch environment is read once into a `LaunchEnv`; torchrun's variables win,
-then SLURM's, then a single local process. Backend and device follow the hardware unless forced.
+then SLURM's, then a single local process. Backend and device follow the hardware unless forced. A process's
+setup also tells glibc's malloc to keep freed host memory for reuse (`keep_host_memory`).
 """
 
 import datetime
