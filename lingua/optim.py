@@ -28,7 +28,10 @@ class OptimArgs:
     warmup: int = 2000  # linear warmup steps
     lr_min_ratio: float = 0.1  # final lr as a fraction of lr (cosine, linear)
     decay_fraction: float = 1.0  # fraction of the post-warmup steps over which lr decays (rest stays at min)
-    fused: bool = False  # use the fused AdamW kernel (CUDA)
+    # torch's fused AdamW kernel (CPU and CUDA): one pass over each parameter and its moments instead of the ~7
+    # of the foreach implementation: the optimizer step ~4x faster on CPU, and its first call in a process (DTensor
+    # works out the sharding of each op once) ~3x faster.
+    fused: bool = True  # fused AdamW kernel; false: the foreach implementation
 
     def validate(self):
         if self.lr <= 0:
@@ -58,8 +61,8 @@ def build_optimizer(model: torch.nn.Module, args: OptimArgs, total_steps: int):
         betas=(args.beta1, args.beta2),
         weight_decay=args.weight_decay,
         eps=args.epsilon,
-        fused=args.fused or None,
-        foreach=None if args.fused else True,
+        fused=args.fused,
+        foreach=not args.fused,
     )
     scheduler = LambdaLR(optimizer, partial(lr_factor, args=args, total_steps=total_steps))
     return optimizer, scheduler
@@ -67,14 +70,20 @@ def build_optimizer(model: torch.nn.Module, args: OptimArgs, total_steps: int):
 
 def apply_hyperparameters(optimizer, scheduler, args: OptimArgs) -> None:
     """Make `args` the optimizer's hyperparameters from now on, after a checkpoint's optimizer and scheduler
-    state (which carry the values of the run that saved them) were loaded: betas, eps, weight decay, the peak lr
-    of the schedule, and the current lr under the (possibly changed) schedule."""
+    state (which carry the values of the run that saved them) were loaded: betas, eps, weight decay, the
+    implementation (fused or foreach), the peak lr of the schedule, and the current lr under the (possibly changed)
+    schedule."""
     scheduler.base_lrs = [args.lr for _ in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["betas"] = (args.beta1, args.beta2)
         group["eps"] = args.epsilon
         group["weight_decay"] = args.weight_decay
         group["initial_lr"] = args.lr
+        group["fused"], group["foreach"] = args.fused, not args.fused
+        for p in group["params"]:  # the fused kernel keeps its step counts on the parameter's device
+            state = optimizer.state.get(p)
+            if state and "step" in state:
+                state["step"] = state["step"].to(p.device if args.fused else "cpu")
     for group, lam in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group["lr"] = args.lr * lam(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

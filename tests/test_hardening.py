@@ -124,10 +124,12 @@ def test_config_changes_on_resume(tmp_path, cfg, reference):
     shrunk = run_train(cfg, dump, nproc=2, args=["model.n_layers=1", "steps=16"])
     assert shrunk.returncode != 0 and "model.n_layers: 2 -> 1" in shrunk.stderr
     assert "[rank0]: Traceback" not in shrunk.stderr and committed_steps(dump) == [4, 8, 12]
-    tuned = run_train(cfg, dump, nproc=2, args=["optim.lr=0.001", "optim.weight_decay=0.0", "steps=16"])
+    tuned = run_train(cfg, dump, nproc=2,
+                      args=["optim.lr=0.001", "optim.weight_decay=0.0", "optim.fused=false", "steps=16"])
     assert tuned.returncode == 0, output(tuned)[-3000:]
     text = output(tuned)
     assert "optim.lr: 0.003 -> 0.001 (takes effect from the resume step)" in text
+    assert "optim.fused: True -> False" in text
     assert "optim.weight_decay: 0.1 -> 0.0" in text and "steps: 12 -> 16" in text
     from lingua.optim import OptimArgs, lr_factor
 

@@ -82,6 +82,42 @@ def test_keep_host_memory_stops_refaulting_what_each_step_frees():
     assert default is not None, "the pattern never re-faulted with glibc's default: it tests nothing on this machine"
 
 
+@pytest.mark.parametrize("saved_fused", [False, True])
+def test_a_changed_optimizer_implementation_takes_effect_on_resume(saved_fused):
+    """A checkpoint's param groups carry the implementation of the run that saved it; apply_hyperparameters
+    (what the trainer calls when optim options changed) makes the configured one the one that runs."""
+    import torch
+
+    from lingua.optim import OptimArgs, apply_hyperparameters, build_optimizer
+
+    def model_and_optimizer(fused):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        return model, *build_optimizer(model, OptimArgs(fused=fused, warmup=0), total_steps=10)
+
+    def step(model, opt, sched):
+        model(torch.ones(2, 8)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+
+    old = model_and_optimizer(saved_fused)
+    for _ in range(2):
+        step(*old)
+    new = model_and_optimizer(not saved_fused)
+    new[0].load_state_dict(old[0].state_dict())
+    new[1].load_state_dict(old[1].state_dict())
+    new[2].load_state_dict(old[2].state_dict())
+    assert bool(new[1].param_groups[0]["fused"]) == saved_fused  # the checkpoint's, until applied
+    apply_hyperparameters(new[1], new[2], OptimArgs(fused=not saved_fused, warmup=0))
+    group = new[1].param_groups[0]
+    assert group["fused"] == (not saved_fused) and group["foreach"] == saved_fused
+    step(*old)
+    step(*new)  # runs with the other kernel, from the same state, to the same weights (up to rounding)
+    for a, b in zip(old[0].parameters(), new[0].parameters()):
+        torch.testing.assert_close(a, b)
+
+
 def test_gradient_accumulation_matches_bigger_batch(tmp_path, corpus):
     """2 micro-batches of b == one batch of 2b (same data: one rank, so the stream is the same)."""
     base = dict(steps=6, **{"checkpoint.dump.every": -1, "data.prefetch_size": 1})

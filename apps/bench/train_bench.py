@@ -7,8 +7,8 @@ One torchrun launch (N processes) runs, alternately and `repeats` times:
     Its tokens/s come from its own metrics.jsonl: the `created_at` times of the records at step `warmup` and at
     the last step (so start-up, the first batches and the final save are excluded).
   - the reference: plain PyTorch around the same model class: `fully_shard` on each block and the root over a
-    1-D mesh of the same processes, the same batch shape (in memory), AdamW(foreach), clip_grad_norm_, and a
-    barrier-timed loop over the same steps.
+    1-D mesh of the same processes, the same batch shape (in memory), AdamW (fused or foreach, as the trainer
+    is configured), clip_grad_norm_, and a barrier-timed loop over the same steps.
 The ratio trainer / reference is taken per pair and the median reported. MFU uses the FLOPs per token of
 lingua.transformer.flops_per_token against the matmul peak measured in the same processes (each rank times
 a large torch.mm at the same time; the peaks are summed). With --device cuda: a GPU-sized model (GPU_MODEL,
@@ -161,7 +161,7 @@ def _build_reference(train_args, mesh, device: str):
     model.init_weights()
     o = train_args.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.epsilon,
-                            weight_decay=o.weight_decay, foreach=True)
+                            weight_decay=o.weight_decay, fused=o.fused, foreach=not o.fused)
     return model, opt
 
 
