@@ -118,6 +118,15 @@ def test_a_changed_optimizer_implementation_takes_effect_on_resume(saved_fused):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("mesh", ["1 2", "2 1"])  # FSDP over 2 ranks; 2 replicas (HSDP, a shard group of 1)
+def test_clip_grad_norm_on_local_shards_matches_torch(mesh):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "tests/scripts/compare_clip.py", *mesh.split()]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and "clip ok" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_gradient_accumulation_matches_bigger_batch(tmp_path, corpus):
     """2 micro-batches of b == one batch of 2b (same data: one rank, so the stream is the same)."""
     base = dict(steps=6, **{"checkpoint.dump.every": -1, "data.prefetch_size": 1})

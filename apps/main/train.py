@@ -47,7 +47,7 @@ from lingua.distributed import (
 from lingua.lock import LockError, hold_dump_dir
 from lingua.logger import add_log_file, init_logger
 from lingua.metrics import LoggingArgs, MetricLogger, gpu_peak_flops
-from lingua.optim import OptimArgs, apply_hyperparameters, build_optimizer
+from lingua.optim import OptimArgs, apply_hyperparameters, build_optimizer, clip_grad_norm
 from lingua.preemption import PreemptionHandler
 from lingua.pretrained import check_init_source, find_model, load_weights
 from lingua.profiling import ProfilerArgs, maybe_profile
@@ -290,7 +290,7 @@ class Trainer:
             loss.backward()
             loss_sum += loss.detach()
         clip = args.optim.clip if args.optim.clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip, foreach=True)
+        grad_norm = clip_grad_norm(list(model.parameters()), max_norm=clip)
         faults.point("train.before_optimizer_step", self.state.step + 1)
         self.ckpt.wait_staged()  # an async save must have its copy of the state before the step changes it
         self.optimizer.step()
