@@ -84,6 +84,11 @@ def test_ckpt_part(bench_report):
 def test_ckpt_scaling_part(bench_report):
     sizes = list(bench_report["parts"]["ckpt_scaling"]["sizes"].values())
     assert len(sizes) == 2 and sizes[0]["bytes"] < sizes[1]["bytes"]  # two model sizes, growing checkpoints
+    # the first is the ckpt and resume parts' model: their figures, not measured twice; the second is measured
+    assert sizes[0]["reused_from"] == "ckpt, resume" and sizes[1]["reused_from"] is None
+    parts = bench_report["parts"]
+    assert sizes[0]["sync_save_s"] == parts["ckpt"]["sync_save_s"]
+    assert sizes[0]["load_warm_s"] == parts["resume"]["load_warm_s"]
     for s in sizes:
         for key in ("sync_vs_raw_bandwidth", "load_vs_raw_read", "load_vs_raw_read_warm", "async_blocking_s"):
             assert _finite(s[key]), (key, s[key])

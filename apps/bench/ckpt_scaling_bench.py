@@ -1,7 +1,8 @@
 """Checkpoint cost against model size: the ckpt part's save measurements (sync save against raw write + fsync,
 async blocking, the steps overlapping an async write) and the resume part's load measurement (cold and warm
 cache, against a raw read of the same bytes) at three model sizes, ~10M, ~60M and ~250M parameters (fp32
-weights + AdamW: ~12 bytes a parameter), to see how each cost grows with size. Two repeats per size.
+weights + AdamW: ~12 bytes a parameter), to see how each cost grows with size. Two repeats per size. The ~60M
+size is the ckpt and resume parts' model and checkpoint: when both parts ran before, their figures are reused.
 
     python -m apps.bench.run --only ckpt_scaling
 """
@@ -20,10 +21,22 @@ QUICK_SIZES = {"tiny": ckpt_bench.QUICK_MODEL, "small": {"dim": 128, "n_layers":
                                                           "multiple_of": 32}}
 
 
+SAVE_KEYS = ("n_params", "bytes", "sync_vs_raw_bandwidth", "sync_save_s", "raw_write_s", "async_blocking_s",
+             "async_blocking_vs_sync", "overlap_tokens_per_s_vs_idle")
+
+
 def run(ctx: common.BenchContext) -> dict:
+    from apps.bench.resume_bench import LOAD_FIGURES, load_figures
+
     repeats = 1 if ctx.quick else 2
+    measured = ckpt_bench.QUICK_MODEL if ctx.quick else ckpt_bench.MODEL  # by the ckpt and resume parts
     out = {"sizes": {}}
     for name, model in (QUICK_SIZES if ctx.quick else SIZES).items():
+        save, resume = ctx.results.get("ckpt"), ctx.results.get("resume")
+        if model == measured and save and resume:
+            out["sizes"][name] = {**{k: save[k] for k in SAVE_KEYS}, **{k: resume[k] for k in LOAD_FIGURES},
+                                  "reused_from": "ckpt, resume"}
+            continue
         overrides = ckpt_bench.model_overrides(ctx)
         overrides["model"] = {**model, "max_seqlen": overrides["model"]["max_seqlen"]}
         config = common.write_config(ctx, f"ckpt_scaling_{name}", overrides)
@@ -38,17 +51,7 @@ def run(ctx: common.BenchContext) -> dict:
                           os.path.join(work, "log.txt"), common.bench_env(ctx.threads), timeout=3600)
         load = common.read_json(load_out)
         common.clean_dir(work)
-        out["sizes"][name] = {
-            "n_params": save["n_params"], "bytes": save["bytes"],
-            "sync_vs_raw_bandwidth": save["sync_vs_raw_bandwidth"], "sync_save_s": save["sync_save_s"],
-            "raw_write_s": save["raw_write_s"], "async_blocking_s": save["async_blocking_s"],
-            "async_blocking_vs_sync": save["async_blocking_vs_sync"],
-            "overlap_tokens_per_s_vs_idle": save["overlap_tokens_per_s_vs_idle"],
-            "load_s": common.median(load["load_s"]), "raw_read_s": common.median(load["raw_s"]),
-            "load_vs_raw_read": common.median([a / b for a, b in zip(load["load_s"], load["raw_s"])]),
-            "load_warm_s": common.median(load["load_warm_s"]), "raw_read_warm_s": common.median(load["raw_warm_s"]),
-            "load_vs_raw_read_warm": common.median([a / b for a, b in zip(load["load_warm_s"], load["raw_warm_s"])]),
-        }
+        out["sizes"][name] = {**{k: save[k] for k in SAVE_KEYS}, **load_figures(load), "reused_from": None}
     return out
 
 

@@ -59,6 +59,20 @@ def _ckpt_files(ckpt_dir: str) -> list:
     return [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if os.path.isfile(os.path.join(ckpt_dir, n))]
 
 
+LOAD_FIGURES = ("load_s", "raw_read_s", "load_vs_raw_read", "load_warm_s", "raw_read_warm_s", "load_vs_raw_read_warm")
+
+
+def load_figures(load: dict) -> dict:
+    """LOAD_FIGURES of a load worker's timings: medians, and ratios per repeat (cold and warm cache, against raw
+    reads of the same bytes)."""
+    def ratio(a, b):
+        return common.median([x / y for x, y in zip(load[a], load[b])])
+
+    values = (common.median(load["load_s"]), common.median(load["raw_s"]), ratio("load_s", "raw_s"),
+              common.median(load["load_warm_s"]), common.median(load["raw_warm_s"]), ratio("load_warm_s", "raw_warm_s"))
+    return dict(zip(LOAD_FIGURES, values))
+
+
 def run(ctx: common.BenchContext) -> dict:
     repeats = 1 if ctx.quick else ctx.repeats
     config = common.write_config(ctx, "resume", ckpt_bench.model_overrides(ctx))
@@ -124,12 +138,7 @@ def run(ctx: common.BenchContext) -> dict:
         "first_step_vs_steady": common.median([f / s for f, s in zip(first_step, steady)]),
         "restore_in_trainer_s": common.median(restore_s),
         "ckpt_bytes": nbytes,
-        "load_s": common.median(load["load_s"]),
-        "raw_read_s": common.median(load["raw_s"]),
-        "load_vs_raw_read": common.median([ld / rw for ld, rw in zip(load["load_s"], load["raw_s"])]),
-        "load_warm_s": common.median(load["load_warm_s"]),
-        "raw_read_warm_s": common.median(load["raw_warm_s"]),
-        "load_vs_raw_read_warm": common.median([ld / rw for ld, rw in zip(load["load_warm_s"], load["raw_warm_s"])]),
+        **load_figures(load),
         "raw_read_new_warm_s": common.median(load["raw_new_warm_s"]),
         "load_vs_raw_read_new_warm": common.median([ld / rw for ld, rw in zip(load["load_warm_s"],
                                                                               load["raw_new_warm_s"])]),

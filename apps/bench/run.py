@@ -1,14 +1,14 @@
 """Run the benchmarks, print one table, write JSON.
 
-    python -m apps.bench.run [--only train,scaling,ckpt,ckpt_scaling,resume,data] [--out bench.json] [--quick]
+    python -m apps.bench.run [--only train,scaling,ckpt,resume,ckpt_scaling,data] [--out bench.json] [--quick]
     python -m apps.bench.run --device cuda --nproc 1 --only train,ckpt     # on a GPU: bf16, NCCL
 
 Parts (each a ratio against a baseline measured in the same run; see docs/benchmarks.md):
   train    the trainer's tokens/s against a plain FSDP2 loop (2 processes), MFU against a measured matmul peak
   scaling  the same with 1, 2, ... processes
   ckpt     checkpoint save (sync, async) against raw write + fsync of the same bytes
-  ckpt_scaling  the ckpt and load measurements at ~10M, ~60M and ~250M parameters
   resume   process start -> first step when resuming vs a fresh start; checkpoint load vs raw read
+  ckpt_scaling  the ckpt and load measurements at ~10M, ~60M and ~250M parameters (~60M: reused from ckpt, resume)
   data     the data loader (apps/bench/data_bench.py) and its headroom over what the trainer consumes
 With --device cuda the train part uses a GPU-sized model (bf16 compute, fp32 master weights) and reports MFU
 against the GPU's data-sheet bf16 dense peak as well as a measured bf16 matmul; the ckpt part saves the same
@@ -26,7 +26,7 @@ import traceback
 
 from apps.bench import common
 
-PARTS = ("train", "scaling", "ckpt", "ckpt_scaling", "resume", "data")
+PARTS = ("train", "scaling", "ckpt", "resume", "ckpt_scaling", "data")
 GPU_PARTS = ("train", "ckpt")  # the others measure CPU processes (or the loader, which does not use the GPU)
 MODULES = {"train": "apps.bench.train_bench", "scaling": "apps.bench.scaling_bench", "ckpt": "apps.bench.ckpt_bench",
            "ckpt_scaling": "apps.bench.ckpt_scaling_bench", "resume": "apps.bench.resume_bench",
@@ -73,7 +73,8 @@ def main(argv=None) -> int:
             p.error("--device cuda: no CUDA device is available")
         if any(x not in GPU_PARTS for x in parts):
             p.error(f"--device cuda runs only the parts {','.join(GPU_PARTS)} (pass --only)")
-    parts = [x for x in PARTS if x in parts]  # fixed order: scaling reuses train, data compares with train
+    # fixed order: scaling reuses train, ckpt_scaling reuses ckpt and resume, data compares with train
+    parts = [x for x in PARTS if x in parts]
 
     work = a.work_dir or tempfile.mkdtemp(prefix="lingua_bench_")
     os.makedirs(work, exist_ok=True)
