@@ -7,6 +7,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from lingua.distributed import DistributedArgs, setup_torch_distributed
 from lingua.optim import clip_grad_norm
@@ -26,7 +27,7 @@ for max_norm in (1e-3, math.inf):
     for p, g in zip(params, grads):
         p.grad.to_local().copy_(g)
     norm = clip_grad_norm(params, max_norm)
-    assert not isinstance(norm, type(params[0])), "torch's path was taken: the layout was not recognised"
+    assert not isinstance(norm, DTensor), "torch's path was taken: the layout was not recognised"
     torch.testing.assert_close(norm, expected)
     assert max_norm == math.inf or norm > 10 * max_norm  # it clipped
     for p, c in zip(params, clipped):
