@@ -6,8 +6,9 @@ checkpoints through this module alone.
 import json
 import os
 import re
-import zlib
 from typing import Optional
+
+from lingua.files import crc32
 
 # The format: these names are known here and nowhere else.
 COMMIT_FILE = "COMMIT.json"
@@ -110,7 +111,7 @@ def file_crc32(path: str, chunk: int = 8 << 20) -> int:
             buf = f.read(chunk)
             if not buf:
                 return crc
-            crc = zlib.crc32(buf, crc)
+            crc = crc32(buf, crc)
 
 
 def check_files(ckpt_dir: str, record: dict, checksums: bool = False, share=(0, 1)) -> None:

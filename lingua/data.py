@@ -45,7 +45,6 @@ import signal
 import threading
 import time
 import traceback
-import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
@@ -54,6 +53,7 @@ import numpy as np
 
 from lingua import faults
 from lingua.args import ConfigError
+from lingua.files import crc32
 from lingua.tokenizer import Tokenizer, TokenizerArgs, build_tokenizer, check_tokenizer_args
 
 logger = logging.getLogger(__name__)
@@ -401,7 +401,7 @@ class _Stream:
                     lineno = line
                     pos += len(raw)
                     line += 1
-                    crc = zlib.crc32(raw, crc)
+                    crc = crc32(raw, crc)
                     if lineno % stride != offset:
                         continue
                     try:
@@ -634,7 +634,7 @@ class DataPipeline:
                         buf = f.read(min(8 << 20, cut - done))
                         if not buf:
                             break
-                        crc = zlib.crc32(buf, crc)
+                        crc = crc32(buf, crc)
                         done += len(buf)
                     cache[cut] = crc
         return cache[pos]

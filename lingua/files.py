@@ -1,4 +1,5 @@
-"""Durable file writes: the one "write a temp file, fsync, rename, fsync the folder" helper of the project.
+"""Durable file writes: the one "write a temp file, fsync, rename, fsync the folder" helper of the project; and
+the project's crc32.
 
 A reader of a path written here sees the old content or the new content, never a torn mix, even if the writer
 is killed at any instant or the machine loses power (the folder entry is fsynced too).
@@ -7,6 +8,14 @@ is killed at any instant or the machine loses power (the folder entry is fsynced
 import json
 import os
 from typing import Iterable, Optional, Union
+
+try:
+    # zlib-ng's crc32 gives zlib's values (a checkpoint or data state checksummed with one checks with the other)
+    # ~7x faster on large buffers (31 against 4 GB/s here: 0.011 against 0.088 s for a rank's 342 MB shard) and
+    # ~4x on short lines; it releases the GIL as zlib's does. zlib is the fallback where the wheel is missing.
+    from zlib_ng.zlib_ng import crc32  # noqa: F401 (the project imports it from here)
+except ImportError:  # pragma: no cover (setup.py installs zlib-ng)
+    from zlib import crc32  # noqa: F401
 
 
 def fsync_dir(path: str) -> None:
