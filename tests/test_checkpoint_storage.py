@@ -3,6 +3,7 @@ written by DCP's own writer (earlier lingua versions, other frameworks), damaged
 
 import os
 import random
+import threading
 import warnings
 import zlib
 
@@ -83,6 +84,34 @@ def test_the_project_crc32_gives_zlibs_values(tmp_path):
         assert a == b == zlib.crc32(data, start)
     (tmp_path / "f").write_bytes(data)
     assert file_crc32(str(tmp_path / "f")) == zlib.crc32(data)
+
+
+def test_an_async_writer_yields_to_training_and_a_sync_one_does_not(tmp_path):
+    """checkpoint.writer_nice: the thread that writes an async save's shard lowers its own priority (Linux nice
+    values are per thread); the training thread keeps its own, and a sync save (nice=0) changes nothing."""
+    def nice_of(tid):
+        return os.getpriority(os.PRIO_PROCESS, tid)
+
+    seen = {}
+
+    class Probe(ShardWriter):
+        def write_data(self, plan, planner):
+            fut = super().write_data(plan, planner)
+            seen[self.nice] = (threading.get_native_id(), nice_of(threading.get_native_id()))
+            return fut
+
+    main = nice_of(threading.get_native_id())
+    state = _state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.async_save(state, storage_writer=Probe(str(tmp_path / "a"), {}, nice=main + 7), no_dist=True).result()
+        dcp.save(state, storage_writer=Probe(str(tmp_path / "s"), {}), no_dist=True)
+    tid, nice = seen[main + 7]
+    assert tid != threading.get_native_id() and nice == main + 7  # DCP's writer thread, lowered
+    assert seen[0] == (threading.get_native_id(), main)  # the sync save wrote from this thread, left as it was
+    loaded = _zeros_like(state)
+    dcp_load(loaded, str(tmp_path / "a"), no_dist=True)
+    _assert_equal(state, loaded)
 
 
 def test_a_piece_is_converted_to_the_destinations_dtype(tmp_path):

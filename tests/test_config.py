@@ -36,6 +36,7 @@ def test_defaults_yaml_and_cli_layering(tmp_path, corpus):
         ("model.dim=1.5x", "config key 'model.dim'"),
         ("distributed.fsdp_type=zero3", "distributed.fsdp_type"),
         ("optim.scheduler=exp", "optim.scheduler"),
+        ("checkpoint.writer_nice=20", "checkpoint.writer_nice must be in 0..19"),
     ],
 )
 def test_bad_keys_and_types_name_the_key(tmp_path, corpus, override, expected):
