@@ -21,6 +21,7 @@ import io
 import os
 import pickle
 import queue
+import sys
 import threading
 import warnings
 
@@ -150,7 +151,9 @@ class ShardWriter(dcp.FileSystemWriter):
 def lower_thread_priority(nice: int) -> None:
     """Give the calling thread (and the threads it starts) a nice value of at least `nice` (Linux: a priority
     is per thread). Not undone: an unprivileged process cannot raise a priority again, so call it only on
-    threads that do background work alone."""
+    threads that do background work alone. Elsewhere a thread id is not a process id: nothing is done."""
+    if not sys.platform.startswith("linux"):
+        return
     try:
         tid = threading.get_native_id()
         if os.getpriority(os.PRIO_PROCESS, tid) < nice:
