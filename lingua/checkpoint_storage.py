@@ -158,7 +158,7 @@ def lower_thread_priority(nice: int) -> None:
         tid = threading.get_native_id()
         if os.getpriority(os.PRIO_PROCESS, tid) < nice:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
-    except (AttributeError, OSError):  # no per-thread priorities here: the write goes on at training's priority
+    except OSError:  # not permitted here (e.g. a seccomp policy): the write goes on at training's priority
         pass
 
 
