@@ -97,6 +97,10 @@ class CheckpointArgs:
     # An async save's writer thread runs at this Linux nice value: it yields the cores to training and writes with
     # the CPU that training leaves (2 busy CPU cores: steps overlapping a write 0.72 -> 0.82 of idle steps' speed).
     writer_nice: int = 10  # 0-19; 0 = training's priority (sync saves always write at it)
+    # Shards are written with O_DIRECT, past the page cache: a buffered write copies every byte into the cache and
+    # the kernel writes it back, CPU that an async save takes from training. Where the file system refuses
+    # O_DIRECT the shards are written through the cache anyway; false: always through the cache.
+    direct_io: bool = True
     checksums: bool = True  # record a crc32 of every file at save time
     verify: bool = True  # on resume, check every file's crc32 (split over ranks, while the model is built)
     load_step: int = -1  # resume once from exactly this step (newer ones are moved aside); -1 = the newest valid one
@@ -665,8 +669,8 @@ class CheckpointManager:
         if self.args.async_save:
             return self._start_async(step, staging, state, own_json, kinds, t0, crcs)
         try:
-            dcp.save(state, storage_writer=ShardWriter(staging, crcs, self.args.checksums), process_group=self.group,
-                     planner=save_planner())
+            writer = ShardWriter(staging, crcs, self.args.checksums, direct=self.args.direct_io)
+            dcp.save(state, storage_writer=writer, process_group=self.group, planner=save_planner())
             faults.point("save.after_shards", step)
             files = describe_files(staging, list(own_json) + self._dcp_files(staging), self.args.checksums, crcs)
             error = None
@@ -694,7 +698,7 @@ class CheckpointManager:
         # the next optimizer step changes the state. One stager for the run: its buffers are reused by every
         # save (at most one in flight), so a save does not allocate (or pin) a new copy each time.
         fut = dcp.async_save(state, storage_writer=ShardWriter(staging, crcs, self.args.checksums,
-                                                               nice=self.args.writer_nice),
+                                                               nice=self.args.writer_nice, direct=self.args.direct_io),
                              process_group=self.async_group, async_stager=self._async_stager(),
                              planner=save_planner())
         self._staging = getattr(fut, "staging_completion", None)

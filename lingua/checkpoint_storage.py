@@ -17,13 +17,16 @@ The crc32 of every shard is computed from the bytes as they are written (the com
 is read back (only the small .metadata, which DCP writes itself).
 """
 
+import errno
 import io
+import mmap
 import os
 import pickle
 import queue
 import sys
 import threading
 import warnings
+from typing import Iterable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -93,59 +96,160 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 class ShardWriter(dcp.FileSystemWriter):
     """One file per rank (fsynced), tensors as raw bytes; `crcs` receives {file name: crc32} of the shard unless
     checksums is False (DCP's small .metadata is written by DCP's own code: its crc32 is read back). nice > 0 (an
-    async save: DCP writes from a thread of its own) lowers the writing thread's priority to that nice value."""
+    async save: DCP writes from a thread of its own) lowers the writing thread's priority to that nice value.
+    direct: write the shard with O_DIRECT where the file system allows it (see `write_direct`)."""
 
-    def __init__(self, path: str, crcs: dict, checksums: bool = True, nice: int = 0):
+    def __init__(self, path: str, crcs: dict, checksums: bool = True, nice: int = 0, direct: bool = True):
         super().__init__(path, single_file_per_rank=True, sync_files=True)
         self.crcs = crcs
         self.checksums = checksums
         self.nice = nice
+        self.direct = direct
 
     @torch.no_grad()  # resolve_data takes each DTensor's local shard: a view that autograd would record (~50 us)
     def write_data(self, plan, planner) -> Future:
         name = f"{plan.storage_data.prefix}0.distcp"
+        path = self.fs.concat_path(self.path, name)
         if self.nice > 0:
-            lower_thread_priority(self.nice)
-        # The shard's crc32 is computed by a thread from the buffers as they are written (it releases the GIL, so
-        # it runs while this thread is in write() and fsync()); with zlib-ng ~0.01 s per 342 MB, zlib's ~0.09 s.
-        pieces: queue.SimpleQueue = queue.SimpleQueue()
-        crc = [0]
+            lower_thread_priority(self.nice)  # (threads started from here inherit it)
+        results, crc = [], [0]
 
-        def checksum():
-            while (buf := pieces.get()) is not None:
-                crc[0] = crc32(buf, crc[0])
+        def pieces():
+            """The shard's bytes, piece by piece; records each piece's place and the crc32 (zlib-ng: ~0.01 s per
+            342 MB). Can be started again (a write that falls back to buffered I/O)."""
+            results.clear()
+            crc[0], offset = 0, 0
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                if item.type == WriteItemType.BYTE_IO:
+                    buf, descriptors = data.getbuffer(), None
+                else:
+                    if data.device.type != "cpu":
+                        data = data.cpu()
+                    buf, descriptors = _tensor_bytes(data), [RAW]
+                if self.checksums:
+                    crc[0] = crc32(buf, crc[0])
+                results.append(WriteResult(index=item.index, size_in_bytes=buf.nbytes,
+                                           storage_data=_StorageInfo(name, offset, buf.nbytes, descriptors)))
+                offset += buf.nbytes
+                yield buf
 
-        thread = threading.Thread(target=checksum, name="shard-crc32", daemon=True) if self.checksums else None
-        if thread:
-            thread.start()
-        results, offset = [], 0
-        try:
-            with open(self.fs.concat_path(self.path, name), "wb") as f:
-                for item in plan.items:
-                    data = planner.resolve_data(item)
-                    if item.type == WriteItemType.BYTE_IO:
-                        buf, descriptors = data.getbuffer(), None
-                    else:
-                        if data.device.type != "cpu":
-                            data = data.cpu()
-                        buf, descriptors = _tensor_bytes(data), [RAW]
+        if not (self.direct and write_direct(path, pieces())):
+            with open(path, "wb") as f:
+                for buf in pieces():
                     f.write(buf)
-                    if thread:
-                        pieces.put(buf)
-                    results.append(WriteResult(index=item.index, size_in_bytes=buf.nbytes,
-                                               storage_data=_StorageInfo(name, offset, buf.nbytes, descriptors)))
-                    offset += buf.nbytes
                 f.flush()
                 os.fsync(f.fileno())
-        finally:
-            if thread:
-                pieces.put(None)
-                thread.join()
-        if thread:
+        if self.checksums:
             self.crcs[name] = crc[0]
         fut: Future = Future()
         fut.set_result(results)
         return fut
+
+
+# O_DIRECT needs the buffer's address, each write's length and its file offset aligned to the device's logical
+# block size (512 or 4096 bytes): 4096 serves both.
+_ALIGN = 4096
+_PIECE = 8 << 20  # bytes per write (8, 16, 32 MiB: the same speed here; 4 buffers of 8 MiB stay allocated)
+_WRITERS = 4  # writes in flight (threads): one write at a time leaves the device idle between writes
+_free_buffers: queue.SimpleQueue = queue.SimpleQueue()  # page-aligned bounce buffers, kept from save to save
+
+
+def write_direct(path: str, pieces: Iterable) -> bool:
+    """Write the concatenated buffers `pieces` to a new file `path` with O_DIRECT (from the buffers straight to
+    the device, bypassing the page cache), then fsync it; False, with nothing consumed from `pieces`, where the
+    file system refuses O_DIRECT (tmpfs, some FUSE): the caller writes it through the page cache instead.
+
+    Why: a buffered write copies every byte into the page cache and the kernel then writes it back, CPU time
+    that an async save takes from training (measured on this project's 342 MB shard: 0.15-0.59 s of CPU
+    buffered, 0.05-0.07 s direct, the same wall time with two processes writing at once). The bytes are copied
+    into reused page-aligned buffers (the tensors' memory is not aligned) that `_WRITERS` threads write at
+    once. The last piece is padded to the block size and the file then truncated to its length."""
+    if not hasattr(os, "O_DIRECT"):  # (not Linux)
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return False
+    try:
+        buffers = [_free_buffers.get() if not _free_buffers.empty() else mmap.mmap(-1, _PIECE)
+                   for _ in range(_WRITERS)]
+        try:
+            os.pwrite(fd, memoryview(buffers[0])[:_ALIGN], 0)  # some file systems accept the flag, not the write
+        except OSError as e:
+            for b in buffers:
+                _free_buffers.put(b)
+            if e.errno != errno.EINVAL:
+                raise
+            return False
+        _write_pieces(fd, path, pieces, buffers)
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _write_pieces(fd: int, path: str, pieces: Iterable, buffers: list) -> None:
+    free: queue.SimpleQueue = queue.SimpleQueue()  # buffers ready to fill
+    jobs: queue.SimpleQueue = queue.SimpleQueue()  # (buffer, length, file offset) to write; None: stop
+    errors: list = []
+
+    def writer():
+        while (job := jobs.get()) is not None:
+            buf, n, offset = job
+            try:
+                if not errors:
+                    view = memoryview(buf)[:n]
+                    done = 0
+                    while done < n:
+                        k = os.pwrite(fd, view[done:], offset + done)
+                        if k <= 0:
+                            raise OSError(errno.EIO, f"{path}: write returned {k} at byte {offset + done}")
+                        done += k
+            except OSError as e:
+                errors.append(e)
+            free.put(buf)
+
+    for b in buffers:
+        free.put(b)
+    threads = [threading.Thread(target=writer, name="shard-write", daemon=True) for _ in range(_WRITERS)]
+    for t in threads:
+        t.start()
+    size = 0
+    try:
+        buf, fill = free.get(), 0
+        for piece in pieces:
+            src = memoryview(piece).cast("B")
+            pos = 0
+            while pos < len(src) and not errors:
+                n = min(len(src) - pos, _PIECE - fill)
+                buf[fill:fill + n] = src[pos:pos + n]
+                fill, pos = fill + n, pos + n
+                if fill == _PIECE:
+                    jobs.put((buf, fill, size))
+                    size += fill
+                    buf, fill = free.get(), 0
+            if errors:
+                break
+        if fill and not errors:
+            padded = -(-fill // _ALIGN) * _ALIGN
+            buf[fill:padded] = bytes(padded - fill)
+            jobs.put((buf, padded, size))
+            size += fill
+        else:
+            free.put(buf)
+    finally:
+        for _ in threads:
+            jobs.put(None)
+        for t in threads:
+            t.join()
+        while not free.empty():
+            _free_buffers.put(free.get())
+    if errors:
+        raise errors[0]
+    os.ftruncate(fd, size)
 
 
 def lower_thread_priority(nice: int) -> None:

@@ -1,6 +1,7 @@
 """lingua/checkpoint_storage.py in one process: the raw shard format, its crc32 taken from the write, checkpoints
 written by DCP's own writer (earlier lingua versions, other frameworks), damaged shards, and a failed load."""
 
+import errno
 import os
 import random
 import threading
@@ -12,8 +13,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from lingua import checkpoint_storage
 from lingua.checkpoint import CheckpointError, file_crc32, load_model_optim, model_optim_state
-from lingua.checkpoint_storage import RAW, ShardWriter, dcp_load, read_metadata
+from lingua.checkpoint_storage import RAW, ShardWriter, dcp_load, read_metadata, write_direct
 from lingua.files import crc32
 
 
@@ -86,13 +88,22 @@ def test_the_project_crc32_gives_zlibs_values(tmp_path):
     assert file_crc32(str(tmp_path / "f")) == zlib.crc32(data)
 
 
-def test_an_async_writer_yields_to_training_and_a_sync_one_does_not(tmp_path):
+def test_an_async_writer_yields_to_training_and_a_sync_one_does_not(tmp_path, monkeypatch):
     """checkpoint.writer_nice: the thread that writes an async save's shard lowers its own priority (Linux nice
-    values are per thread); the training thread keeps its own, and a sync save (nice=0) changes nothing."""
+    values are per thread), and so do the threads it starts for its direct writes; the training thread keeps its
+    own, and a sync save (nice=0) changes nothing."""
     def nice_of(tid):
         return os.getpriority(os.PRIO_PROCESS, tid)
 
     seen = {}
+    writes = []  # (nice of the writing thread, the file): a spy, every write goes through
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, offset):
+        writes.append((nice_of(threading.get_native_id()), os.path.dirname(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
 
     class Probe(ShardWriter):
         def write_data(self, plan, planner):
@@ -109,6 +120,8 @@ def test_an_async_writer_yields_to_training_and_a_sync_one_does_not(tmp_path):
     tid, nice = seen[main + 7]
     assert tid != threading.get_native_id() and nice == main + 7  # DCP's writer thread, lowered
     assert seen[0] == (threading.get_native_id(), main)  # the sync save wrote from this thread, left as it was
+    assert {n for n, d in writes if d == str(tmp_path / "a")} == {main + 7}
+    assert {n for n, d in writes if d == str(tmp_path / "s")} == {main}
     loaded = _zeros_like(state)
     dcp_load(loaded, str(tmp_path / "a"), no_dist=True)
     _assert_equal(state, loaded)
@@ -185,3 +198,70 @@ def test_a_failed_load_leaves_no_uninitialised_optimizer_state(tmp_path):
     with pytest.raises(CheckpointError, match="truncated"):
         load_model_optim(str(tmp_path / "ck"), broken, broken_opt, no_dist=True)
     assert not broken_opt.state
+
+
+def _big_state() -> dict:
+    """Pieces of odd sizes, one larger than a direct write's buffer, so the stream crosses buffer boundaries."""
+    g = torch.Generator().manual_seed(1)
+    return {"model": {"a": torch.randn(3, generator=g), "big": torch.randn(3_000_001, generator=g),
+                      "c": torch.randn(1001, 3, generator=g).to(torch.bfloat16)}, "optim": {"lr": 0.5}}
+
+
+def test_direct_and_buffered_writes_give_the_same_shard(tmp_path, monkeypatch):
+    """checkpoint.direct_io: the shard written with O_DIRECT (through aligned buffers, its last block padded and
+    then cut) has the same bytes, crc32 and metadata as one written through the page cache, and loads."""
+    flags = []  # a spy: every open goes through
+    real_open = os.open
+
+    def spy_open(path, f, *a, **k):
+        flags.append((str(path), f))
+        return real_open(path, f, *a, **k)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    state = _big_state()
+    crcs = {}
+    for kind in ("direct", "buffered"):
+        crcs[kind] = {}
+        _save(state, str(tmp_path / kind), ShardWriter(str(tmp_path / kind), crcs[kind], direct=kind == "direct"))
+    shard = "__0_0.distcp"
+    direct_opens = [p for p, f in flags if f & os.O_DIRECT]
+    assert direct_opens and all(p.startswith(str(tmp_path / "direct")) for p in direct_opens)
+    a, b = (tmp_path / "direct" / shard).read_bytes(), (tmp_path / "buffered" / shard).read_bytes()
+    assert len(a) % 4096 and a == b  # not a whole number of blocks: the padding was cut off
+    assert crcs["direct"] == crcs["buffered"] == {shard: zlib.crc32(a)}
+    loaded = _zeros_like(state)
+    dcp_load(loaded, str(tmp_path / "direct"), no_dist=True)
+    _assert_equal(state, loaded)
+
+
+def test_a_file_system_refusing_o_direct_gets_buffered_writes(tmp_path, monkeypatch):
+    """Where open(O_DIRECT) fails with EINVAL (FUSE, older tmpfs) the shard is written through the page cache.
+    Mocked: every file system on this machine accepts O_DIRECT (tmpfs does since Linux 6.6)."""
+    real_open = os.open
+
+    def refusing_open(path, flags, *a, **k):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    state = _big_state()
+    crcs = _save(state, str(tmp_path / "ck"))
+    assert crcs == {"__0_0.distcp": file_crc32(str(tmp_path / "ck" / "__0_0.distcp"))}
+    loaded = _zeros_like(state)
+    dcp_load(loaded, str(tmp_path / "ck"), no_dist=True)
+    _assert_equal(state, loaded)
+
+
+def test_a_full_disk_fails_a_direct_write_with_enospc_and_keeps_its_buffers(small_disk):
+    """A direct write that runs out of space raises ENOSPC (the save then fails and is abandoned by its caller);
+    the bounce buffers go back to the pool for the next save."""
+    folder = small_disk("24m")
+    pool = checkpoint_storage._free_buffers
+    assert write_direct(os.path.join(folder, "small"), [memoryview(b"x" * 5000)])  # this tmpfs accepts O_DIRECT
+    assert open(os.path.join(folder, "small"), "rb").read() == b"x" * 5000
+    before = pool.qsize()
+    with pytest.raises(OSError) as e:
+        write_direct(os.path.join(folder, "big"), [memoryview(bytes(20 << 20)), memoryview(bytes(20 << 20))])
+    assert e.value.errno == errno.ENOSPC
+    assert pool.qsize() == before
