@@ -17,6 +17,9 @@ The crc32 of every shard is computed from the bytes as they are written (the com
 is read back (only the small .metadata, which DCP writes itself).
 """
 
+import concurrent.futures
+import copy
+import ctypes
 import errno
 import io
 import mmap
@@ -28,6 +31,7 @@ import threading
 import warnings
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard._utils import narrow_tensor_by_index
@@ -35,6 +39,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
 from lingua.checkpoint_format import METADATA_FILE, CheckpointError
@@ -99,7 +104,7 @@ class ShardWriter(dcp.FileSystemWriter):
     async save: DCP writes from a thread of its own) lowers the writing thread's priority to that nice value.
     direct: write the shard with O_DIRECT where the file system allows it (see `write_direct`)."""
 
-    def __init__(self, path: str, crcs: dict, checksums: bool = True, nice: int = 0, direct: bool = True):
+    def __init__(self, path: str, crcs: dict, checksums: bool = True, nice: int = 0, direct: bool = False):
         super().__init__(path, single_file_per_rank=True, sync_files=True)
         self.crcs = crcs
         self.checksums = checksums
@@ -191,6 +196,10 @@ def write_direct(path: str, pieces: Iterable) -> bool:
         os.close(fd)
 
 
+def _address(buf: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
 def _write_pieces(fd: int, path: str, pieces: Iterable, buffers: list) -> None:
     free: queue.SimpleQueue = queue.SimpleQueue()  # buffers ready to fill
     jobs: queue.SimpleQueue = queue.SimpleQueue()  # (buffer, length, file offset) to write; None: stop
@@ -221,11 +230,13 @@ def _write_pieces(fd: int, path: str, pieces: Iterable, buffers: list) -> None:
     try:
         buf, fill = free.get(), 0
         for piece in pieces:
-            src = memoryview(piece).cast("B")
+            src = np.frombuffer(piece, dtype=np.uint8)  # (no copy; its address for memmove)
             pos = 0
             while pos < len(src) and not errors:
                 n = min(len(src) - pos, _PIECE - fill)
-                buf[fill:fill + n] = src[pos:pos + n]
+                # ctypes.memmove releases the GIL (a slice assignment holds it): an async save's copy does not
+                # stall the training thread, which needs the GIL for every op it launches.
+                ctypes.memmove(_address(buf) + fill, src.ctypes.data + pos, n)
                 fill, pos = fill + n, pos + n
                 if fill == _PIECE:
                     jobs.put((buf, fill, size))
@@ -250,6 +261,62 @@ def _write_pieces(fd: int, path: str, pieces: Iterable, buffers: list) -> None:
     if errors:
         raise errors[0]
     os.ftruncate(fd, size)
+
+
+class Stager:
+    """An async save's copy of the state (DCP's AsyncStager protocol), made by a background thread into CPU
+    buffers kept from save to save (at most one save in flight). DCP's DefaultStager copies each storage with
+    UntypedStorage.copy_, which holds the GIL throughout: the training thread, which needs the GIL to launch each
+    op, stalled behind it (py-spy --gil: the stager's copies held it for as many samples as all the shard writes).
+    Tensor.copy_ releases it. pin: page-locked buffers (a copy from GPU memory)."""
+
+    should_synchronize_after_execute = False  # (protocol) the copy's own Future says when it is done
+
+    def __init__(self, pin: bool = False):
+        self.pin = pin
+        self._staged: dict = {}  # key path -> the staged tensor (a DTensor over a reused local buffer, or a tensor)
+
+    def stage(self, state_dict) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run():
+            try:
+                with torch.no_grad():
+                    out = self._copy(state_dict, ())
+                    if self.pin:
+                        torch.cuda.synchronize()  # the non-blocking copies from GPU memory are done
+                fut.set_result(out)
+            except BaseException as e:  # noqa: BLE001 (DCP's writer and wait_staged() report it)
+                fut.set_exception(e)
+
+        threading.Thread(target=run, name="ckpt-stage", daemon=True).start()
+        return fut
+
+    def _copy(self, obj, path: tuple):
+        if isinstance(obj, dict):
+            return {k: self._copy(v, (*path, k)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._copy(v, (*path, i)) for i, v in enumerate(obj))
+        if not isinstance(obj, torch.Tensor):
+            return copy.deepcopy(obj)
+        sharded = isinstance(obj, DTensor)
+        local = obj.to_local() if sharded else obj
+        staged = self._staged.get(path)
+        buf = staged.to_local() if isinstance(staged, DTensor) else staged
+        if (buf is None or isinstance(staged, DTensor) != sharded or staged.shape != obj.shape
+                or buf.shape != local.shape or buf.dtype != local.dtype):
+            buf = torch.empty(local.shape, dtype=local.dtype, pin_memory=self.pin)
+            staged = (DTensor.from_local(buf, obj.device_mesh, obj.placements, run_check=False, shape=obj.shape,
+                                         stride=obj.stride()) if sharded else buf)
+            self._staged[path] = staged
+        buf.copy_(local, non_blocking=self.pin)
+        return staged
+
+    def synchronize_staging(self) -> None:  # (protocol)
+        pass
+
+    def close(self) -> None:  # (protocol) nothing to release but the buffers
+        self._staged.clear()
 
 
 def lower_thread_priority(nice: int) -> None:

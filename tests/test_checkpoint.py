@@ -305,21 +305,23 @@ def test_retention_never_deletes_newest_committed(tmp_path):
     assert sorted(int(n) for n in os.listdir(root)) == [3, 4, 5]
 
 
-def test_async_stager_is_kept_and_replaced_once_emptied(tmp_path):
-    """One stager for the run (its buffers are reused by every save); torch 2.11's DefaultStager empties itself at
-    the end of each copy (its own close() call, made here by hand), and an emptied one fails with KeyError on a
-    class object (DTensor specs hold them): then a new one is made."""
+def test_async_stager_copies_into_buffers_kept_between_saves(tmp_path):
+    """One stager for the run: each save's copy lands in the buffers of the last one (no allocation), is a copy
+    (training may change the state once staged), and a tensor whose shape changed gets a new buffer."""
     manager = CheckpointManager(CheckpointArgs(path=str(tmp_path / "ckpts")), str(tmp_path), _FakeDist(), {})
-    state = {"w": torch.arange(4.0), "cls": int}
-    first = manager._async_stager()
-    assert manager._async_stager() is first
-    assert first.stage(state).result()["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
-    first._state_dict_stager.close()
-    with pytest.raises(KeyError):
-        first.stage(state).result()
-    second = manager._async_stager()
-    assert second is not first and manager._async_stager() is second
-    assert second.stage(state).result()["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    stager = manager._async_stager()
+    assert manager._async_stager() is stager
+    state = {"m": {"w": torch.arange(4.0), "b": torch.ones(2, 3)[:, 1:]}, "o": {"lr": [0.1], "cls": int}}
+    first = stager.stage(state).result()
+    state["m"]["w"] += 1
+    assert first["m"]["w"].tolist() == [0.0, 1.0, 2.0, 3.0] and first["m"]["b"].tolist() == [[1.0, 1.0]] * 2
+    assert first["o"] == {"lr": [0.1], "cls": int} and first["o"]["lr"] is not state["o"]["lr"]
+    second = stager.stage(state).result()
+    assert second["m"]["w"].tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert second["m"]["w"].data_ptr() == first["m"]["w"].data_ptr() != state["m"]["w"].data_ptr()
+    state["m"]["w"] = torch.zeros(5)
+    third = stager.stage(state).result()
+    assert third["m"]["w"].tolist() == [0.0] * 5 and third["m"]["b"].data_ptr() == first["m"]["b"].data_ptr()
     manager.close()
 
 

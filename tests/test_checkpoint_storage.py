@@ -115,8 +115,9 @@ def test_an_async_writer_yields_to_training_and_a_sync_one_does_not(tmp_path, mo
     state = _state()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.async_save(state, storage_writer=Probe(str(tmp_path / "a"), {}, nice=main + 7), no_dist=True).result()
-        dcp.save(state, storage_writer=Probe(str(tmp_path / "s"), {}), no_dist=True)
+        dcp.async_save(state, storage_writer=Probe(str(tmp_path / "a"), {}, nice=main + 7, direct=True),
+                       no_dist=True).result()
+        dcp.save(state, storage_writer=Probe(str(tmp_path / "s"), {}, direct=True), no_dist=True)
     tid, nice = seen[main + 7]
     assert tid != threading.get_native_id() and nice == main + 7  # DCP's writer thread, lowered
     assert seen[0] == (threading.get_native_id(), main)  # the sync save wrote from this thread, left as it was
@@ -246,7 +247,8 @@ def test_a_file_system_refusing_o_direct_gets_buffered_writes(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "open", refusing_open)
     state = _big_state()
-    crcs = _save(state, str(tmp_path / "ck"))
+    crcs: dict = {}
+    _save(state, str(tmp_path / "ck"), ShardWriter(str(tmp_path / "ck"), crcs, direct=True))
     assert crcs == {"__0_0.distcp": file_crc32(str(tmp_path / "ck" / "__0_0.distcp"))}
     loaded = _zeros_like(state)
     dcp_load(loaded, str(tmp_path / "ck"), no_dist=True)

@@ -32,6 +32,11 @@ TARGET_SYNC_BW = 0.8  # sync save bandwidth / raw write bandwidth
 TARGET_ASYNC_BLOCK = 0.10  # async blocking time / sync save time
 TARGET_OVERLAP = 0.9  # tokens/s of the steps overlapping an async write / tokens/s with no save in flight
 
+# The worker's figures, one per timed round.
+RUN_KEYS = ("raw_s", "raw_direct_s", "sync_s", "sync_nocrc_s", "async_block_s", "async_save_call_s",
+            "async_staged_wait_s", "async_background_s", "async_other_threads_cpu_s", "idle_other_threads_cpu_s",
+            "async_main_cpu_s", "idle_main_cpu_s", "step_during_async_s", "step_s", "steps_overlapped")
+
 # ~57M parameters: fp32 weights + two AdamW moments = ~690 MB per checkpoint.
 MODEL = {"dim": 768, "n_layers": 8, "n_heads": 12, "n_kv_heads": 12, "multiple_of": 256}
 QUICK_MODEL = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32}
@@ -104,9 +109,8 @@ def measure(ctx: common.BenchContext, config: str, work: str, repeats: int, keep
         "steps_overlapped": common.median(raw["steps_overlapped"]),
         "overlap_tokens_per_s_vs_idle": common.median(
             [n / d for d, n in zip(raw["step_during_async_s"], raw["step_s"])]),
-        "runs": {k: raw[k] for k in ("raw_s", "raw_direct_s", "sync_s", "sync_nocrc_s", "async_block_s",
-                                     "async_save_call_s", "async_staged_wait_s", "async_background_s",
-                                     "step_during_async_s", "step_s", "steps_overlapped")},
+        "async_other_threads_cpu_s": common.median(raw["async_other_threads_cpu_s"]),
+        "runs": {k: raw[k] for k in RUN_KEYS},
         "checksums": raw["checksums"],
         "targets": {"sync_vs_raw_bandwidth": TARGET_SYNC_BW, "async_blocking_vs_sync": TARGET_ASYNC_BLOCK,
                     "overlap_tokens_per_s_vs_idle": TARGET_OVERLAP},
@@ -133,6 +137,9 @@ def rows(res: dict) -> list:
         common.Row("ckpt", "async save: training blocked", res["async_blocking_s"], "s", res["sync_save_s"],
                    "sync save", res["async_blocking_vs_sync"], f"<= {TARGET_ASYNC_BLOCK}",
                    common.check(res["async_blocking_vs_sync"], f"<= {TARGET_ASYNC_BLOCK}")),
+        common.Row("ckpt", "async save: CPU of the threads besides training's, save() to commit (rank 0)",
+                   res["async_other_threads_cpu_s"], "s", res["step_s"], "a step with no save",
+                   common.ratio(res["async_other_threads_cpu_s"], res["step_s"])),
         common.Row("ckpt", "async save: background until commit", res["async_background_s"], "s", res["sync_save_s"],
                    "sync save", common.ratio(res["async_background_s"], res["sync_save_s"])),
         common.Row("ckpt", f"tokens/s of the steps overlapping an async write ({res['steps_overlapped']:.0f} steps)",
@@ -211,6 +218,16 @@ def _raw_write_direct(path: str, arrays: list, nbytes: int) -> None:
         os.close(fd)
 
 
+def _cpu() -> tuple:
+    """(CPU seconds of the calling thread (training's), CPU seconds of the whole process, ended threads included)."""
+    return time.thread_time(), time.process_time()
+
+
+def _other_cpu(before: tuple, after: tuple) -> float:
+    """CPU seconds between two _cpu() of the threads other than training's (gloo's, the save's)."""
+    return (after[1] - before[1]) - (after[0] - before[0])
+
+
 def _train_step(model, optimizer, tokens, ckpt=None) -> tuple:
     """One step as the trainer runs it: (step seconds, seconds waiting for an async save's copy)."""
     import torch
@@ -282,9 +299,7 @@ def worker(a) -> int:
     tokens = torch.randint(0, args.model.vocab_size, (args.data.batch_size, args.data.seq_len + 1),
                            generator=g).to(dist_state.device)
     res = {"world_size": world, "n_params": num_params(model), "checksums": args.checkpoint.checksums, "bytes": None,
-           **{k: [] for k in ("raw_s", "raw_direct_s", "sync_s", "sync_nocrc_s", "async_block_s", "async_save_call_s",
-                              "async_staged_wait_s", "async_background_s", "step_during_async_s", "step_s",
-                              "steps_overlapped")}}
+           **{k: [] for k in RUN_KEYS}}
     my_bytes = None
     step = 1000
 
@@ -316,9 +331,13 @@ def worker(a) -> int:
     # Round 0 is untimed: it learns the byte counts and warms every code path.
     order = ["sync", "raw", "async", "raw_direct", "sync_nocrc"]
     for r in range(a.repeats + 1):
+        cpu0 = _cpu()
         idle = [_train_step(model, optimizer, tokens)[0] for _ in range(3)]  # steps with no save in flight
+        cpu1 = _cpu()
         if r:
             res["step_s"].append(rank_max(sum(idle) / len(idle)))
+            res["idle_other_threads_cpu_s"].append(_other_cpu(cpu0, cpu1) / len(idle))
+            res["idle_main_cpu_s"].append((cpu1[0] - cpu0[0]) / len(idle))
         for kind in order:
             step += 1
             train_state.step = step
@@ -339,6 +358,7 @@ def worker(a) -> int:
                 if r:
                     res[f"{kind}_s"].append(s)
             else:
+                cpu0 = _cpu()
                 call, ok = timed(lambda: mgr.save(model, optimizer, train_state, ["dump"]))
                 assert ok, "async save failed"
                 t_return = time.perf_counter()
@@ -350,6 +370,7 @@ def worker(a) -> int:
                     if mgr.poll() or len(during) >= 100:
                         break
                 mgr.wait()
+                cpu1 = _cpu()
                 dist.barrier(group=group)
                 background = time.perf_counter() - t_return
                 if r:
@@ -360,6 +381,9 @@ def worker(a) -> int:
                     res["async_background_s"].append(background)
                     res["step_during_async_s"].append(mean)
                     res["steps_overlapped"].append(len(during))
+                    # CPU seconds of the threads other than training's, from save() to the commit (rank 0)
+                    res["async_other_threads_cpu_s"].append(_other_cpu(cpu0, cpu1))
+                    res["async_main_cpu_s"].append(cpu1[0] - cpu0[0])
             ckpt_dir = os.path.join(mgr.root, f"{step:010d}")
             files = read_commit(ckpt_dir)["files"] if rank == 0 else None
             box = [files]
