@@ -101,7 +101,7 @@ class CheckpointArgs:
     # the cache and the kernel writes it back, CPU taken from training (342 MB, 2 writers: 0.06 against 0.1-0.47 s
     # of the writer's CPU). Sync saves write through the cache: training waits for them, and here the cache was
     # the faster of the two (median 0.80 against 0.92 s). Where O_DIRECT is refused (some FUSE) it is not used.
-    async_direct_io: bool = True
+    async_direct_io: bool = True  # false: async saves write through the page cache too
     checksums: bool = True  # record a crc32 of every file at save time
     verify: bool = True  # on resume, check every file's crc32 (split over ranks, while the model is built)
     load_step: int = -1  # resume once from exactly this step (newer ones are moved aside); -1 = the newest valid one
