@@ -14,7 +14,10 @@ times in rotating order:
            the save() call + the wait for the copy of the state before the first optimizer step; `background` =
            from save() returning to the commit. The steps that overlapped the write are compared with steps with
            no save in flight, measured in the same round (the target: tokens/s >= 0.9 of those).
-Each checkpoint is deleted (untimed) before the next measurement. With --device cuda the model lives on the GPU
+Each measurement follows a write of its own kind, as successive saves of a run do (page cache: raw, sync;
+O_DIRECT: raw direct, async); a sync save right after the O_DIRECT writes is measured apart, since some VMs slow
+a buffered write+fsync that follows an O_DIRECT one. Each checkpoint is deleted (untimed) before the next
+measurement. With --device cuda the model lives on the GPU
 (bf16 compute): a save includes the copy to host memory, the raw baseline writes bytes already there.
 
     python -m apps.bench.run --only ckpt
@@ -33,9 +36,10 @@ TARGET_ASYNC_BLOCK = 0.10  # async blocking time / sync save time
 TARGET_OVERLAP = 0.9  # tokens/s of the steps overlapping an async write / tokens/s with no save in flight
 
 # The worker's figures, one per timed round.
-RUN_KEYS = ("raw_s", "raw_direct_s", "sync_s", "sync_nocrc_s", "async_block_s", "async_save_call_s",
-            "async_staged_wait_s", "async_background_s", "async_other_threads_cpu_s", "idle_other_threads_cpu_s",
-            "async_main_cpu_s", "idle_main_cpu_s", "step_during_async_s", "step_s", "steps_overlapped")
+RUN_KEYS = ("raw_s", "raw_direct_s", "sync_s", "sync_nocrc_s", "sync_after_direct_s", "async_block_s",
+            "async_save_call_s", "async_staged_wait_s", "async_background_s", "async_other_threads_cpu_s",
+            "idle_other_threads_cpu_s", "async_main_cpu_s", "idle_main_cpu_s", "step_during_async_s", "step_s",
+            "steps_overlapped")
 
 # ~57M parameters: fp32 weights + two AdamW moments = ~690 MB per checkpoint.
 MODEL = {"dim": 768, "n_layers": 8, "n_heads": 12, "n_kv_heads": 12, "multiple_of": 256}
@@ -59,7 +63,7 @@ def model_overrides(ctx: common.BenchContext) -> dict:
 def run(ctx: common.BenchContext) -> dict:
     repeats = 1 if ctx.quick else ctx.repeats
     config = common.write_config(ctx, "ckpt", model_overrides(ctx))
-    ctx.say(f"ckpt: torchrun x{ctx.nproc}, {repeats} x (raw, sync, async, sync without checksums)")
+    ctx.say(f"ckpt: torchrun x{ctx.nproc}, {repeats} x (raw, sync, sync without checksums, async, raw direct, sync)")
     return measure(ctx, config, os.path.join(ctx.work_dir, "ckpt"), repeats)
 
 
@@ -99,6 +103,9 @@ def measure(ctx: common.BenchContext, config: str, work: str, repeats: int, keep
         "sync_vs_raw_bandwidth": bw_ratio,
         "sync_save_no_checksums_s": common.median(raw["sync_nocrc_s"]),
         "sync_no_checksums_vs_raw_bandwidth": common.median([r / s for r, s in zip(floor, raw["sync_nocrc_s"])]),
+        "sync_save_after_direct_s": common.median(raw["sync_after_direct_s"]),
+        "sync_after_direct_vs_raw_bandwidth": common.median(
+            [r / s for r, s in zip(floor, raw["sync_after_direct_s"])]),
         "async_blocking_s": block_s,
         "async_background_s": bg_s,
         "async_save_call_s": common.median(raw["async_save_call_s"]),
@@ -134,6 +141,9 @@ def rows(res: dict) -> list:
         common.Row("ckpt", "sync save bandwidth, checkpoint.checksums=false",
                    common.ratio(res["bytes"], res["sync_save_no_checksums_s"]), "B/s", res["raw_write_bytes_per_s"],
                    "raw write+fsync", res["sync_no_checksums_vs_raw_bandwidth"]),
+        common.Row("ckpt", "sync save bandwidth right after an O_DIRECT write (async save, raw direct)",
+                   common.ratio(res["bytes"], res["sync_save_after_direct_s"]), "B/s", res["raw_write_bytes_per_s"],
+                   "raw write+fsync", res["sync_after_direct_vs_raw_bandwidth"]),
         common.Row("ckpt", "async save: training blocked", res["async_blocking_s"], "s", res["sync_save_s"],
                    "sync save", res["async_blocking_vs_sync"], f"<= {TARGET_ASYNC_BLOCK}",
                    common.check(res["async_blocking_vs_sync"], f"<= {TARGET_ASYNC_BLOCK}")),
@@ -328,8 +338,12 @@ def worker(a) -> int:
             shutil.rmtree(path, ignore_errors=True)
         dist.barrier(group=group)
 
-    # Round 0 is untimed: it learns the byte counts and warms every code path.
-    order = ["sync", "raw", "async", "raw_direct", "sync_nocrc"]
+    # Round 0 is untimed: it learns the byte counts and warms every code path. Each measurement follows a write
+    # of its own kind, as successive saves of one run do: on some VMs a buffered write+fsync right after an
+    # O_DIRECT write is 2-3x slower (docs/benchmarks.md), so the buffered kinds rotate among themselves, then the
+    # O_DIRECT ones, and a sync save right after them is measured apart ("sync_after_direct"); it is also the
+    # buffered write the next round's first measurement follows.
+    buffered, direct = ["sync", "raw", "sync_nocrc"], ["async", "raw_direct"]
     for r in range(a.repeats + 1):
         cpu0 = _cpu()
         idle = [_train_step(model, optimizer, tokens)[0] for _ in range(3)]  # steps with no save in flight
@@ -338,7 +352,7 @@ def worker(a) -> int:
             res["step_s"].append(rank_max(sum(idle) / len(idle)))
             res["idle_other_threads_cpu_s"].append(_other_cpu(cpu0, cpu1) / len(idle))
             res["idle_main_cpu_s"].append((cpu1[0] - cpu0[0]) / len(idle))
-        for kind in order:
+        for kind in buffered + direct + ["sync_after_direct"]:
             step += 1
             train_state.step = step
             if kind in ("raw", "raw_direct"):
@@ -351,8 +365,8 @@ def worker(a) -> int:
                     res[f"{kind}_s"].append(s)
                     res["raw_bytes"] = int(written)  # the baseline wrote as many bytes as the checkpoint holds
                 continue
-            mgr = managers[kind]
-            if kind in ("sync", "sync_nocrc"):
+            mgr = managers["sync" if kind == "sync_after_direct" else kind]
+            if kind != "async":
                 s, ok = timed(lambda: mgr.save(model, optimizer, train_state, ["dump"]))
                 assert ok, "sync save failed"
                 if r:
@@ -393,11 +407,11 @@ def worker(a) -> int:
             # The files this rank wrote: its shards and train state; rank 0 also the shared ones.
             mine = [n for n in files if written_by(n, rank, dist_state.dp_rank)]
             my_bytes = sum(files[n]["size"] for n in mine)
-            if a.keep_last and kind == "sync" and r == a.repeats:
+            if a.keep_last and kind == "sync_after_direct" and r == a.repeats:  # the last save of all
                 res["kept"] = ckpt_dir
                 continue
             remove(ckpt_dir)
-        order = order[1:] + order[:1]  # rotate: each kind runs first, middle and last
+        buffered, direct = buffered[1:] + buffered[:1], direct[1:] + direct[:1]  # each kind first, middle, last
     if rank == 0:
         common.write_json(a.out, res)
     dist.destroy_process_group()
