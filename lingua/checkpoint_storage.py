@@ -101,22 +101,25 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 class ShardWriter(dcp.FileSystemWriter):
     """One file per rank (fsynced), tensors as raw bytes; `crcs` receives {file name: crc32} of the shard unless
     checksums is False (DCP's small .metadata is written by DCP's own code: its crc32 is read back). nice > 0 (an
-    async save: DCP writes from a thread of its own) lowers the writing thread's priority to that nice value.
-    direct: write the shard with O_DIRECT where the file system allows it (see `write_direct`)."""
+    async save: DCP writes from a thread of its own) lowers the writing thread's priority to that nice value, and
+    idle puts it under SCHED_IDLE (see `lower_thread_priority`). direct: write the shard with O_DIRECT where the
+    file system allows it (see `write_direct`)."""
 
-    def __init__(self, path: str, crcs: dict, checksums: bool = True, nice: int = 0, direct: bool = False):
+    def __init__(self, path: str, crcs: dict, checksums: bool = True, nice: int = 0, direct: bool = False,
+                 idle: bool = False):
         super().__init__(path, single_file_per_rank=True, sync_files=True)
         self.crcs = crcs
         self.checksums = checksums
         self.nice = nice
+        self.idle = idle
         self.direct = direct
 
     @torch.no_grad()  # resolve_data takes each DTensor's local shard: a view that autograd would record (~50 us)
     def write_data(self, plan, planner) -> Future:
         name = f"{plan.storage_data.prefix}0.distcp"
         path = self.fs.concat_path(self.path, name)
-        if self.nice > 0:
-            lower_thread_priority(self.nice)  # (threads started from here inherit it)
+        if self.nice > 0 or self.idle:
+            lower_thread_priority(self.nice, self.idle)  # (threads started from here inherit it)
         results, crc = [], [0]
 
         def pieces():
@@ -319,18 +322,25 @@ class Stager:
         self._staged.clear()
 
 
-def lower_thread_priority(nice: int) -> None:
+def lower_thread_priority(nice: int, idle: bool = False) -> None:
     """Give the calling thread (and the threads it starts) a nice value of at least `nice` (Linux: a priority
-    is per thread). Not undone: an unprivileged process cannot raise a priority again, so call it only on
-    threads that do background work alone. Elsewhere a thread id is not a process id: nothing is done."""
+    is per thread; the nice value also sets the default I/O priority) and, if idle, the SCHED_IDLE policy: the
+    thread then runs only when a core has nothing else to run. Not undone: an unprivileged process cannot raise a
+    priority again, so call it only on threads that do background work alone. Elsewhere a thread id is not a
+    process id: nothing is done. What is refused (e.g. by a seccomp policy) is left as it was."""
     if not sys.platform.startswith("linux"):
         return
+    tid = threading.get_native_id()
     try:
-        tid = threading.get_native_id()
         if os.getpriority(os.PRIO_PROCESS, tid) < nice:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
-    except OSError:  # not permitted here (e.g. a seccomp policy): the write goes on at training's priority
+    except OSError:
         pass
+    if idle:
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass
 
 
 def save_planner():

@@ -89,11 +89,11 @@ def test_the_project_crc32_gives_zlibs_values(tmp_path):
 
 
 def test_an_async_writer_yields_to_training_and_a_sync_one_does_not(tmp_path, monkeypatch):
-    """checkpoint.writer_nice: the thread that writes an async save's shard lowers its own priority (Linux nice
-    values are per thread), and so do the threads it starts for its direct writes; the training thread keeps its
-    own, and a sync save (nice=0) changes nothing."""
+    """checkpoint.writer_nice and writer_idle: the thread that writes an async save's shard lowers its own
+    priority and goes under SCHED_IDLE (Linux: both are per thread), and so do the threads it starts for its
+    direct writes; the training thread keeps its own, and a sync save (nice=0, not idle) changes nothing."""
     def nice_of(tid):
-        return os.getpriority(os.PRIO_PROCESS, tid)
+        return os.getpriority(os.PRIO_PROCESS, tid), os.sched_getscheduler(tid)
 
     seen = {}
     writes = []  # (nice of the writing thread, the file): a spy, every write goes through
@@ -112,16 +112,19 @@ def test_an_async_writer_yields_to_training_and_a_sync_one_does_not(tmp_path, mo
             return fut
 
     main = nice_of(threading.get_native_id())
+    assert main[1] == os.SCHED_OTHER
+    lowered = (main[0] + 7, os.SCHED_IDLE)
     state = _state()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.async_save(state, storage_writer=Probe(str(tmp_path / "a"), {}, nice=main + 7, direct=True),
+        dcp.async_save(state, storage_writer=Probe(str(tmp_path / "a"), {}, nice=lowered[0], direct=True, idle=True),
                        no_dist=True).result()
         dcp.save(state, storage_writer=Probe(str(tmp_path / "s"), {}, direct=True), no_dist=True)
-    tid, nice = seen[main + 7]
-    assert tid != threading.get_native_id() and nice == main + 7  # DCP's writer thread, lowered
+    tid, nice = seen[lowered[0]]
+    assert tid != threading.get_native_id() and nice == lowered  # DCP's writer thread, lowered
     assert seen[0] == (threading.get_native_id(), main)  # the sync save wrote from this thread, left as it was
-    assert {n for n, d in writes if d == str(tmp_path / "a")} == {main + 7}
+    assert nice_of(threading.get_native_id()) == main
+    assert {n for n, d in writes if d == str(tmp_path / "a")} == {lowered}
     assert {n for n, d in writes if d == str(tmp_path / "s")} == {main}
     loaded = _zeros_like(state)
     dcp_load(loaded, str(tmp_path / "a"), no_dist=True)
