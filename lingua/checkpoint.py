@@ -98,9 +98,9 @@ class CheckpointArgs:
     # the CPU that training leaves (2 busy CPU cores: steps overlapping a write 0.72 -> 0.82 of idle steps' speed).
     writer_nice: int = 10  # 0-19; 0 = training's priority (sync saves always write at it)
     # On Linux it also runs under SCHED_IDLE: only on a core no other thread wants, and a waking training or gloo
-    # thread takes that core at once (at nice 10 it still competes: steps overlapping a write 0.876 -> 0.916 of
-    # idle steps, median of 10 alternating runs each, better in 9 of the 10 pairs). On cores that training keeps
-    # 100% busy the write takes longer (the next save waits for it).
+    # thread takes that core at once (at nice 10 it still competes: steps overlapping a write 0.868 -> 0.906 of
+    # idle steps, median of 14 alternating runs each, better in 10 pairs, worse in 3). On cores that training
+    # keeps 100% busy the write takes longer (the next save waits for it).
     writer_idle: bool = True  # false: writer_nice alone
     # An async save writes its shards with O_DIRECT, past the page cache: a buffered write copies every byte into
     # the cache and the kernel writes it back, CPU taken from training (342 MB, 2 writers: 0.06 against 0.1-0.47 s
