@@ -96,7 +96,7 @@ def test_an_async_writer_yields_to_training_and_a_sync_one_does_not(tmp_path, mo
         return os.getpriority(os.PRIO_PROCESS, tid), os.sched_getscheduler(tid)
 
     seen = {}
-    writes = []  # (nice of the writing thread, the file): a spy, every write goes through
+    writes = []  # ((nice, policy) of the writing thread, the file): a spy, every write goes through
     real_pwrite = os.pwrite
 
     def pwrite(fd, data, offset):

@@ -17,8 +17,8 @@ times in rotating order:
 Each measurement follows a write of its own kind, as successive saves of a run do (page cache: raw, sync;
 O_DIRECT: raw direct, async); a sync save right after the O_DIRECT writes is measured apart, since some VMs slow
 a buffered write+fsync that follows an O_DIRECT one. Each checkpoint is deleted (untimed) before the next
-measurement. With --device cuda the model lives on the GPU
-(bf16 compute): a save includes the copy to host memory, the raw baseline writes bytes already there.
+measurement. With --device cuda the model lives on the GPU (bf16 compute): a save includes the copy to host
+memory, the raw baseline writes bytes already there.
 
     python -m apps.bench.run --only ckpt
 """
@@ -34,6 +34,9 @@ from apps.bench import common
 TARGET_SYNC_BW = 0.8  # sync save bandwidth / raw write bandwidth
 TARGET_ASYNC_BLOCK = 0.10  # async blocking time / sync save time
 TARGET_OVERLAP = 0.9  # tokens/s of the steps overlapping an async write / tokens/s with no save in flight
+
+# What one round measures, in order (for the progress messages; the order itself is in `worker`).
+ROUND = "raw, sync, sync without checksums, async, raw direct, sync"
 
 # The worker's figures, one per timed round.
 RUN_KEYS = ("raw_s", "raw_direct_s", "sync_s", "sync_nocrc_s", "sync_after_direct_s", "async_block_s",
@@ -63,7 +66,7 @@ def model_overrides(ctx: common.BenchContext) -> dict:
 def run(ctx: common.BenchContext) -> dict:
     repeats = 1 if ctx.quick else ctx.repeats
     config = common.write_config(ctx, "ckpt", model_overrides(ctx))
-    ctx.say(f"ckpt: torchrun x{ctx.nproc}, {repeats} x (raw, sync, sync without checksums, async, raw direct, sync)")
+    ctx.say(f"ckpt: torchrun x{ctx.nproc}, {repeats} x ({ROUND})")
     return measure(ctx, config, os.path.join(ctx.work_dir, "ckpt"), repeats)
 
 

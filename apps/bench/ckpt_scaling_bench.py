@@ -41,7 +41,7 @@ def run(ctx: common.BenchContext) -> dict:
         overrides["model"] = {**model, "max_seqlen": overrides["model"]["max_seqlen"]}
         config = common.write_config(ctx, f"ckpt_scaling_{name}", overrides)
         work = os.path.join(ctx.work_dir, f"ckpt_scaling_{name}")
-        ctx.say(f"ckpt_scaling {name}: save, {repeats} x (raw, sync, sync without checksums, async, raw direct, sync)")
+        ctx.say(f"ckpt_scaling {name}: save, {repeats} x ({ckpt_bench.ROUND})")
         save = ckpt_bench.measure(ctx, config, work, repeats, keep_last=True)
         ctx.say(f"ckpt_scaling {name}: load, {repeats} x (load, raw read), cold then warm")
         load_out = os.path.join(work, "load.json")
