@@ -23,7 +23,6 @@ memory, the raw baseline writes bytes already there.
     python -m apps.bench.run --only ckpt
 """
 
-import argparse
 import os
 import shutil
 import sys
@@ -421,20 +420,13 @@ def worker(a) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--worker", action="store_true", help="(internal) run as a torchrun worker")
-    p.add_argument("--config")
+def _worker_args(p) -> None:
     p.add_argument("--work")
-    p.add_argument("--out")
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--keep-last", action="store_true", help="(internal) keep the last sync checkpoint")
-    a = p.parse_args(argv)
-    if a.worker:
-        return worker(a)
-    from apps.bench.run import main as run_main
 
-    return run_main(["--only", "ckpt"])
+
+def main(argv=None) -> int:
+    return common.part_main(argv, "ckpt", __doc__.split("\n")[0], worker, _worker_args)
 
 
 if __name__ == "__main__":

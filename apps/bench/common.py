@@ -245,6 +245,27 @@ def clean_dir(path: str) -> None:
 # ------------------------------------------------------------------------------------- worker helpers
 
 
+def part_main(argv: Optional[List[str]], part: str, description: str, worker, add_args=None) -> int:
+    """`python -m apps.bench.<module>`: with --worker, one torchrun worker of the part (the part launches it so;
+    the arguments every worker takes, and those `add_args(parser)` adds); without, the runner on this part alone
+    (the other arguments go to the runner)."""
+    import argparse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--worker" not in argv:
+        from apps.bench.run import main as run_main
+
+        return run_main(["--only", part] + argv)
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--worker", action="store_true", help="(internal) run as a torchrun worker")
+    p.add_argument("--config")
+    p.add_argument("--out")
+    p.add_argument("--repeats", type=int, default=3)
+    if add_args:
+        add_args(p)
+    return worker(p.parse_args(argv))
+
+
 class Rendezvous:
     """Fresh process-group rendezvous for each phase of a torchrun worker.
 

@@ -23,7 +23,6 @@ Load, in one torchrun launch on the last checkpoint, alternating, from a cold pa
     python -m apps.bench.run --only resume
 """
 
-import argparse
 import json
 import os
 import re
@@ -276,18 +275,7 @@ def worker(a) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--worker", action="store_true", help="(internal) run as a torchrun worker")
-    p.add_argument("--config")
-    p.add_argument("--ckpt")
-    p.add_argument("--out")
-    p.add_argument("--repeats", type=int, default=3)
-    a = p.parse_args(argv)
-    if a.worker:
-        return worker(a)
-    from apps.bench.run import main as run_main
-
-    return run_main(["--only", "resume"])
+    return common.part_main(argv, "resume", __doc__.split("\n")[0], worker, lambda p: p.add_argument("--ckpt"))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ bf16 compute), NCCL, one GPU a process, and MFU also against the GPU's data-shee
     python -m apps.bench.run --only train
 """
 
-import argparse
 import gc
 import json
 import os
@@ -291,24 +290,17 @@ def worker(a) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--worker", action="store_true", help="(internal) run as a torchrun worker")
-    p.add_argument("--config")
+def _worker_args(p) -> None:
     p.add_argument("--work")
-    p.add_argument("--out")
     p.add_argument("--mode", default="both", choices=["both", "trainer", "reference"])
     p.add_argument("--steps", type=int, default=70)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mm", type=int, default=2048)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    a = p.parse_args(argv)
-    if a.worker:
-        return worker(a)
-    from apps.bench.run import main as run_main
 
-    return run_main(["--only", "train"])
+
+def main(argv=None) -> int:
+    return common.part_main(argv, "train", __doc__.split("\n")[0], worker, _worker_args)
 
 
 if __name__ == "__main__":
