@@ -143,16 +143,48 @@ class ShardWriter(dcp.FileSystemWriter):
                 yield buf
 
         if not (self.direct and write_direct(path, pieces())):
-            with open(path, "wb") as f:
-                for buf in pieces():
-                    f.write(buf)
-                f.flush()
-                os.fsync(f.fileno())
+            write_buffered(path, pieces())
         if self.checksums:
             self.crcs[name] = crc[0]
         fut: Future = Future()
         fut.set_result(results)
         return fut
+
+
+_libc = None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> bool:
+    """Have the kernel start writing bytes [offset, offset + length) of a file to disk now, without waiting
+    (Linux sync_file_range(SYNC_FILE_RANGE_WRITE)); whether it accepted. It promises nothing: durability still
+    comes from the fsync. A no-op where the call is missing; an error from it is ignored for the same reason."""
+    global _libc
+    if _libc is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            _libc = libc
+        except (OSError, AttributeError):  # not Linux / glibc
+            _libc = False
+    return bool(_libc) and _libc.sync_file_range(fd, offset, length, 2) == 0  # 2: SYNC_FILE_RANGE_WRITE
+
+
+def write_buffered(path: str, pieces: Iterable) -> None:
+    """Write the pieces (buffers) to a new file through the page cache, then fsync. Writeback of each _PIECE
+    bytes starts as soon as they are written (`start_writeback`), so the disk works while the rest is copied:
+    a rank's 342 MB in 0.10 s against 0.15 s for write + fsync alone (docs/benchmarks.md)."""
+    with open(path, "wb", buffering=0) as f:
+        fd, offset = f.fileno(), 0
+        for buf in pieces:
+            view = memoryview(buf).cast("B") if buf.nbytes else memoryview(b"")
+            for start in range(0, len(view), _PIECE):
+                part = view[start : start + _PIECE]
+                done = 0
+                while done < len(part):  # (a write to a regular file may be short, e.g. on a signal)
+                    done += f.write(part[done:])
+                start_writeback(fd, offset, len(part))
+                offset += len(part)
+        os.fsync(fd)
 
 
 # O_DIRECT needs the buffer's address, each write's length and its file offset aligned to the device's logical

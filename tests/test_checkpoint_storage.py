@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 from lingua import checkpoint_storage
 from lingua.checkpoint import CheckpointError, file_crc32, load_model_optim, model_optim_state
-from lingua.checkpoint_storage import RAW, ShardWriter, dcp_load, read_metadata, write_direct
+from lingua.checkpoint_storage import RAW, ShardWriter, dcp_load, read_metadata, write_buffered, write_direct
 from lingua.files import crc32
 
 
@@ -236,6 +236,39 @@ def test_direct_and_buffered_writes_give_the_same_shard(tmp_path, monkeypatch):
     loaded = _zeros_like(state)
     dcp_load(loaded, str(tmp_path / "direct"), no_dist=True)
     _assert_equal(state, loaded)
+
+
+def test_a_buffered_shard_starts_writeback_piece_by_piece_and_keeps_every_byte(tmp_path, monkeypatch):
+    """A sync save's shard (through the page cache) asks the kernel to write back each 8 MiB piece as soon as it
+    is written (the real sync_file_range, accepted), the pieces cover the file once, in order, and the shard has
+    the bytes and crc32 it would have without (the same state written with O_DIRECT)."""
+    calls = []
+    real = checkpoint_storage.start_writeback
+
+    def spy(fd, offset, length):
+        calls.append((offset, length, real(fd, offset, length)))
+        return calls[-1][2]
+
+    monkeypatch.setattr(checkpoint_storage, "start_writeback", spy)
+    state, crcs = _big_state(), {"buffered": {}, "direct": {}}
+    _save(state, str(tmp_path / "buffered"), ShardWriter(str(tmp_path / "buffered"), crcs["buffered"]))
+    shard = tmp_path / "buffered" / "__0_0.distcp"
+    size = shard.stat().st_size
+    assert calls and all(ok for _, _, ok in calls)  # the kernel took every request
+    assert [o for o, _, _ in calls] == [sum(n for _, n, _ in calls[:i]) for i in range(len(calls))]
+    assert sum(n for _, n, _ in calls) == size and max(n for _, n, _ in calls) == checkpoint_storage._PIECE
+    n_direct = len(calls)
+    _save(state, str(tmp_path / "direct"), ShardWriter(str(tmp_path / "direct"), crcs["direct"], direct=True))
+    assert len(calls) == n_direct  # O_DIRECT writes bypass the page cache: nothing to write back
+    assert shard.read_bytes() == (tmp_path / "direct" / "__0_0.distcp").read_bytes()
+    assert crcs["buffered"] == crcs["direct"] == {"__0_0.distcp": zlib.crc32(shard.read_bytes())}
+
+
+def test_a_full_disk_fails_a_buffered_write_with_enospc(small_disk):
+    folder = small_disk("8m")
+    with pytest.raises(OSError) as e:
+        write_buffered(os.path.join(folder, "big"), [memoryview(bytes(6 << 20)), memoryview(bytes(6 << 20))])
+    assert e.value.errno == errno.ENOSPC
 
 
 def test_a_file_system_refusing_o_direct_gets_buffered_writes(tmp_path, monkeypatch):
