@@ -4,9 +4,10 @@ One torchrun launch (N processes) builds the trainer's model and optimizer (ling
 optimizer step so that AdamW's moments exist) at a size whose checkpoint is a few hundred MB, then, `repeats`
 times in rotating order:
   - raw:   every rank writes its local shards of the same tensors (model + optimizer state), padded to the bytes
-           it wrote into the checkpoint, to one file (write + fsync); barrier to barrier, on rank 0. Twice: through
-           the page cache, and with O_DIRECT from one aligned 64 MiB buffer (as `dd oflag=direct` would); the
-           floor a save is compared with is the faster of the two in each round;
+           it wrote into the checkpoint, to one file (write + fsync); barrier to barrier, on rank 0. Three ways:
+           through the page cache; the same with writeback started after every 8 MiB (sync_file_range, as a
+           sync save writes); and with O_DIRECT from one aligned 64 MiB buffer (as `dd oflag=direct` would). The
+           floor a save is compared with is the fastest of the three in each round;
   - sync:  CheckpointManager.save with checkpoint.async_save=false (everything: state dict, train state, DCP
            shards, fsync, crc32 records, commit), barrier to barrier; also with checkpoint.checksums=false;
   - async: CheckpointManager.save with checkpoint.async_save=true, then training steps as the trainer runs them
@@ -14,7 +15,7 @@ times in rotating order:
            the save() call + the wait for the copy of the state before the first optimizer step; `background` =
            from save() returning to the commit. The steps that overlapped the write are compared with steps with
            no save in flight, measured in the same round (the target: tokens/s >= 0.9 of those).
-Each measurement follows a write of its own kind, as successive saves of a run do (page cache: raw, sync;
+Each measurement follows a write of its own kind, as successive saves of a run do (page cache: raws, sync;
 O_DIRECT: raw direct, async); a sync save right after the O_DIRECT writes is measured apart, since some VMs slow
 a buffered write+fsync that follows an O_DIRECT one. Each checkpoint is deleted (untimed) before the next
 measurement. With --device cuda the model lives on the GPU (bf16 compute): a save includes the copy to host
@@ -35,10 +36,10 @@ TARGET_ASYNC_BLOCK = 0.10  # async blocking time / sync save time
 TARGET_OVERLAP = 0.9  # tokens/s of the steps overlapping an async write / tokens/s with no save in flight
 
 # What one round measures, in order (for the progress messages; the order itself is in `worker`).
-ROUND = "raw, sync, sync without checksums, async, raw direct, sync"
+ROUND = "raw, raw with early writeback, sync, sync without checksums, async, raw direct, sync"
 
 # The worker's figures, one per timed round.
-RUN_KEYS = ("raw_s", "raw_direct_s", "sync_s", "sync_nocrc_s", "sync_after_direct_s", "async_block_s",
+RUN_KEYS = ("raw_s", "raw_wb_s", "raw_direct_s", "sync_s", "sync_nocrc_s", "sync_after_direct_s", "async_block_s",
             "async_save_call_s", "async_staged_wait_s", "async_background_s", "async_other_threads_cpu_s",
             "idle_other_threads_cpu_s", "async_main_cpu_s", "idle_main_cpu_s", "step_during_async_s", "step_s",
             "steps_overlapped")
@@ -85,7 +86,7 @@ def measure(ctx: common.BenchContext, config: str, work: str, repeats: int, keep
         common.clean_dir(os.path.join(work, "dump"))
     common.clean_dir(os.path.join(work, "raw"))
     nbytes = raw["bytes"]
-    floor = [min(b, d) for b, d in zip(raw["raw_s"], raw["raw_direct_s"])]  # the faster raw write of each round
+    floor = [min(w) for w in zip(raw["raw_s"], raw["raw_wb_s"], raw["raw_direct_s"])]  # each round's fastest
     raw_s, sync_s = common.median(floor), common.median(raw["sync_s"])
     block_s, bg_s = common.median(raw["async_block_s"]), common.median(raw["async_background_s"])
     # Ratios per interleaved round, then the median.
@@ -99,6 +100,7 @@ def measure(ctx: common.BenchContext, config: str, work: str, repeats: int, keep
         "raw_write_s": raw_s,
         "raw_write_bytes_per_s": nbytes / raw_s,
         "raw_buffered_write_s": common.median(raw["raw_s"]),
+        "raw_writeback_write_s": common.median(raw["raw_wb_s"]),
         "raw_direct_write_s": common.median(raw["raw_direct_s"]),
         "sync_save_s": sync_s,
         "sync_save_bytes_per_s": nbytes / sync_s,
@@ -133,19 +135,22 @@ def rows(res: dict) -> list:
         common.Row("ckpt", f"checkpoint size ({res['n_params'] / 1e6:.3g}M params + AdamW"
                            f"{', saved from GPU memory' if res.get('device') == 'cuda' else ''})", res["bytes"], "B"),
         common.Row("ckpt", "sync save bandwidth", res["sync_save_bytes_per_s"], "B/s", res["raw_write_bytes_per_s"],
-                   "raw write+fsync", res["sync_vs_raw_bandwidth"], f">= {TARGET_SYNC_BW}",
+                   "fastest raw write+fsync", res["sync_vs_raw_bandwidth"], f">= {TARGET_SYNC_BW}",
                    common.check(res["sync_vs_raw_bandwidth"], f">= {TARGET_SYNC_BW}")),
-        common.Row("ckpt", "sync save time", res["sync_save_s"], "s", res["raw_write_s"], "raw write+fsync",
+        common.Row("ckpt", "sync save time", res["sync_save_s"], "s", res["raw_write_s"], "fastest raw write+fsync",
                    common.ratio(res["sync_save_s"], res["raw_write_s"])),
-        common.Row("ckpt", "raw write+fsync with O_DIRECT (the floor: the faster raw write of each round)",
+        common.Row("ckpt", "raw write+fsync, writeback started every 8 MiB, as a sync save writes",
+                   res["raw_writeback_write_s"], "s", res["raw_buffered_write_s"], "raw write+fsync, page cache",
+                   common.ratio(res["raw_writeback_write_s"], res["raw_buffered_write_s"])),
+        common.Row("ckpt", "raw write+fsync with O_DIRECT",
                    res["raw_direct_write_s"], "s", res["raw_buffered_write_s"], "raw write+fsync, page cache",
                    common.ratio(res["raw_direct_write_s"], res["raw_buffered_write_s"])),
         common.Row("ckpt", "sync save bandwidth, checkpoint.checksums=false",
                    common.ratio(res["bytes"], res["sync_save_no_checksums_s"]), "B/s", res["raw_write_bytes_per_s"],
-                   "raw write+fsync", res["sync_no_checksums_vs_raw_bandwidth"]),
+                   "fastest raw write+fsync", res["sync_no_checksums_vs_raw_bandwidth"]),
         common.Row("ckpt", "sync save bandwidth right after an O_DIRECT write (async save, raw direct)",
                    common.ratio(res["bytes"], res["sync_save_after_direct_s"]), "B/s", res["raw_write_bytes_per_s"],
-                   "raw write+fsync", res["sync_after_direct_vs_raw_bandwidth"]),
+                   "fastest raw write+fsync", res["sync_after_direct_vs_raw_bandwidth"]),
         common.Row("ckpt", "async save: training blocked", res["async_blocking_s"], "s", res["sync_save_s"],
                    "sync save", res["async_blocking_vs_sync"], f"<= {TARGET_ASYNC_BLOCK}",
                    common.check(res["async_blocking_vs_sync"], f"<= {TARGET_ASYNC_BLOCK}")),
@@ -178,22 +183,30 @@ def _local_tensors(model, optimizer) -> list:
     return out
 
 
+def _raw_pieces(arrays: list, nbytes: int) -> list:
+    """The tensors' bytes, cut or padded with zeros to nbytes (what one rank wrote into the checkpoint)."""
+    views, left = [], nbytes
+    for a in arrays:
+        views.append(memoryview(a).cast("B")[:left])
+        left -= len(views[-1])
+    return views + [memoryview(bytes(left))]
+
+
 def _raw_write(path: str, arrays: list, nbytes: int) -> None:
-    """The tensors' bytes (then zeros up to nbytes) into one file, write + fsync."""
-    written = 0
+    """The raw pieces into one file, write + fsync."""
     with open(path, "wb", buffering=0) as f:
-        for a in arrays:
-            if written + a.nbytes > nbytes:
-                a = a[: nbytes - written]
-            f.write(memoryview(a))
-            written += a.nbytes
-        pad = nbytes - written
-        zeros = bytes(min(pad, 8 << 20))
-        while pad > 0:
-            n = min(pad, len(zeros))
-            f.write(zeros[:n])
-            pad -= n
+        for v in _raw_pieces(arrays, nbytes):
+            done = 0
+            while done < len(v):
+                done += f.write(v[done:])
         os.fsync(f.fileno())
+
+
+def _raw_write_writeback(path: str, arrays: list, nbytes: int) -> None:
+    """As _raw_write, with the writer of a sync save: writeback started after every 8 MiB, then fsync."""
+    from lingua.checkpoint_storage import write_buffered
+
+    write_buffered(path, _raw_pieces(arrays, nbytes))
 
 
 def _raw_write_direct(path: str, arrays: list, nbytes: int) -> None:
@@ -207,11 +220,7 @@ def _raw_write_direct(path: str, arrays: list, nbytes: int) -> None:
         def flush(n):
             assert os.pwrite(fd, memoryview(buf)[:n], offset) == n
 
-        views, left = [], nbytes
-        for a in arrays:
-            views.append(memoryview(a).cast("B")[:left])
-            left -= len(views[-1])
-        for a in views + [memoryview(bytes(left))]:
+        for a in _raw_pieces(arrays, nbytes):
             pos = 0
             while pos < len(a):
                 n = min(len(a) - pos, len(buf) - fill)
@@ -228,6 +237,9 @@ def _raw_write_direct(path: str, arrays: list, nbytes: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+RAW_WRITES = {"raw": _raw_write, "raw_wb": _raw_write_writeback, "raw_direct": _raw_write_direct}
 
 
 def _cpu() -> tuple:
@@ -345,7 +357,7 @@ def worker(a) -> int:
     # O_DIRECT write is 2-3x slower (docs/benchmarks.md), so the buffered kinds rotate among themselves, then the
     # O_DIRECT ones, and a sync save right after them is measured apart ("sync_after_direct"); it is also the
     # buffered write the next round's first measurement follows.
-    buffered, direct = ["sync", "raw", "sync_nocrc"], ["async", "raw_direct"]
+    buffered, direct = ["sync", "raw", "sync_nocrc", "raw_wb"], ["async", "raw_direct"]
     for r in range(a.repeats + 1):
         cpu0 = _cpu()
         idle = [_train_step(model, optimizer, tokens)[0] for _ in range(3)]  # steps with no save in flight
@@ -357,9 +369,9 @@ def worker(a) -> int:
         for kind in buffered + direct + ["sync_after_direct"]:
             step += 1
             train_state.step = step
-            if kind in ("raw", "raw_direct"):
+            if kind in RAW_WRITES:
                 path = os.path.join(raw_dir, f"rank_{rank:05d}.bin")
-                write = _raw_write if kind == "raw" else _raw_write_direct
+                write = RAW_WRITES[kind]
                 s, _ = timed(lambda: write(path, arrays, my_bytes))
                 written = rank_sum(os.path.getsize(path))
                 os.remove(path)
@@ -413,7 +425,7 @@ def worker(a) -> int:
                 res["kept"] = ckpt_dir
                 continue
             remove(ckpt_dir)
-        buffered, direct = buffered[1:] + buffered[:1], direct[1:] + direct[:1]  # each kind first, middle, last
+        buffered, direct = buffered[1:] + buffered[:1], direct[1:] + direct[:1]  # each kind in a new place each round
     if rank == 0:
         common.write_json(a.out, res)
     dist.destroy_process_group()
