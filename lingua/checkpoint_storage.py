@@ -151,22 +151,18 @@ class ShardWriter(dcp.FileSystemWriter):
         return fut
 
 
-_libc = None
+try:
+    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+except (OSError, AttributeError):  # not Linux / glibc
+    _sync_file_range = None
 
 
 def start_writeback(fd: int, offset: int, length: int) -> bool:
     """Have the kernel start writing bytes [offset, offset + length) of a file to disk now, without waiting
     (Linux sync_file_range(SYNC_FILE_RANGE_WRITE)); whether it accepted. It promises nothing: durability still
     comes from the fsync. A no-op where the call is missing; an error from it is ignored for the same reason."""
-    global _libc
-    if _libc is None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            _libc = libc
-        except (OSError, AttributeError):  # not Linux / glibc
-            _libc = False
-    return bool(_libc) and _libc.sync_file_range(fd, offset, length, 2) == 0  # 2: SYNC_FILE_RANGE_WRITE
+    return _sync_file_range is not None and _sync_file_range(fd, offset, length, 2) == 0  # 2: SYNC_FILE_RANGE_WRITE
 
 
 def write_buffered(path: str, pieces: Iterable) -> None:
