@@ -165,10 +165,11 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     return _sync_file_range is not None and _sync_file_range(fd, offset, length, 2) == 0  # 2: SYNC_FILE_RANGE_WRITE
 
 
-def write_buffered(path: str, pieces: Iterable) -> None:
+def write_buffered(path: str, pieces: Iterable, writeback: bool = True) -> None:
     """Write the pieces (buffers) to a new file through the page cache, then fsync. Writeback of each _PIECE
     bytes starts as soon as they are written (`start_writeback`), so the disk works while the rest is copied:
-    a rank's 342 MB in 0.10 s against 0.15 s for write + fsync alone (docs/benchmarks.md)."""
+    a rank's 342 MB in 0.10 s against 0.15 s for write + fsync alone (docs/benchmarks.md). writeback=False:
+    write + fsync alone (the benchmark's plain baseline)."""
     with open(path, "wb", buffering=0) as f:
         fd, offset = f.fileno(), 0
         for buf in pieces:
@@ -178,7 +179,8 @@ def write_buffered(path: str, pieces: Iterable) -> None:
                 done = 0
                 while done < len(part):  # (a write to a regular file may be short, e.g. on a signal)
                     done += f.write(part[done:])
-                start_writeback(fd, offset, len(part))
+                if writeback:
+                    start_writeback(fd, offset, len(part))
                 offset += len(part)
         os.fsync(fd)
 

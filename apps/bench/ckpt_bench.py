@@ -192,21 +192,15 @@ def _raw_pieces(arrays: list, nbytes: int) -> list:
     return views + [memoryview(bytes(left))]
 
 
-def _raw_write(path: str, arrays: list, nbytes: int) -> None:
-    """The raw pieces into one file, write + fsync."""
-    with open(path, "wb", buffering=0) as f:
-        for v in _raw_pieces(arrays, nbytes):
-            done = 0
-            while done < len(v):
-                done += f.write(v[done:])
-        os.fsync(f.fileno())
+def _raw_write(path: str, arrays: list, nbytes: int, writeback: bool = False) -> None:
+    """The raw pieces into one file, write + fsync; writeback: started after every 8 MiB, as a sync save does."""
+    from lingua.checkpoint_storage import write_buffered
+
+    write_buffered(path, _raw_pieces(arrays, nbytes), writeback=writeback)
 
 
 def _raw_write_writeback(path: str, arrays: list, nbytes: int) -> None:
-    """As _raw_write, with the writer of a sync save: writeback started after every 8 MiB, then fsync."""
-    from lingua.checkpoint_storage import write_buffered
-
-    write_buffered(path, _raw_pieces(arrays, nbytes))
+    _raw_write(path, arrays, nbytes, writeback=True)
 
 
 def _raw_write_direct(path: str, arrays: list, nbytes: int) -> None:
