@@ -6,6 +6,7 @@ setup also tells glibc's malloc to keep freed host memory for reuse (`keep_host_
 """
 
 import datetime
+import faulthandler
 import logging
 import os
 import socket
@@ -288,11 +289,20 @@ def destroy():
         dist.destroy_process_group()
 
 
+def _report_native_crashes() -> None:
+    try:
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+    except (AttributeError, OSError, RuntimeError, ValueError):  # a stderr without a file descriptor (in-process)
+        pass
+
+
 def run_main(parse, body, user_errors: tuple = ()) -> int:
     """The shape of every entry point: `parse()` the config (a ConfigError is one line on stderr, exit 2, before any
     process group exists), then `body(args)`. A problem with the user's input (an unusable checkpoint, bad data:
     `user_errors`) ends it with one line on stderr and exit 1 instead of a traceback; the process group is always
-    destroyed."""
+    destroyed. A fatal signal (a segfault or abort in native code: torch, gloo, NCCL) prints every thread's Python
+    stack on stderr (the job's output) before the process dies of it."""
+    _report_native_crashes()
     try:
         args = parse()
     except ConfigError as e:

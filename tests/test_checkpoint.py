@@ -3,6 +3,7 @@ disagreement between ranks, preemption signals, resharding, retention, disk full
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,13 +84,18 @@ def kill_then_rerun(cfg, dump, rules, extra=()):
         ("plain", [], "step@10:1=kill", 8),
         # The async save of step 8 is held back (not committed) when rank 1 dies at step 10: resume from 4.
         ("plain", ["checkpoint.async_save=true"], "step@10:1=kill;save.async_write@8=sleep(30)", 4),
-        ("acc", ["grad_acc_steps=2"], "step@10:1=kill", 8),
+        # A native crash (abort) instead of SIGKILL: the rank's Python stack is on stderr before it dies.
+        ("acc", ["grad_acc_steps=2"], "step@10:1=signal(SIGABRT)", 8),
     ],
-    ids=["sync", "async-in-flight", "grad-acc"],
+    ids=["sync", "async-in-flight", "grad-acc-abort"],
 )
-def test_sigkill_one_rank_then_rerun_is_bitwise_exact(tmp_path, cfg, reference, name, extra, rules, resumed_from):
+def test_one_rank_killed_then_rerun_is_bitwise_exact(tmp_path, cfg, reference, name, extra, rules, resumed_from):
     dump = str(tmp_path / "run")
-    _, second = kill_then_rerun(cfg, dump, rules, extra)
+    first, second = kill_then_rerun(cfg, dump, rules, extra)
+    if "SIGABRT" in rules:
+        dump_text = first.stderr[first.stderr.find("Fatal Python error: Aborted"):]
+        assert "Fatal Python error: Aborted" in first.stderr, first.stderr[-3000:]
+        assert re.search(r'File ".*apps/main/train\.py", line \d+ in train', dump_text), dump_text[:3000]
     assert f"resuming from {ckpt_path(dump, resumed_from)}" in output(second)
     if "checkpoint.async_save=true" in extra:  # the rerun saves in the background too, and commits
         assert "async checkpoint step 12 committed: training blocked" in output(second)
