@@ -93,8 +93,8 @@ def test_one_rank_killed_then_rerun_is_bitwise_exact(tmp_path, cfg, reference, n
     dump = str(tmp_path / "run")
     first, second = kill_then_rerun(cfg, dump, rules, extra)
     if "SIGABRT" in rules:
-        dump_text = first.stderr[first.stderr.find("Fatal Python error: Aborted"):]
         assert "Fatal Python error: Aborted" in first.stderr, first.stderr[-3000:]
+        dump_text = first.stderr[first.stderr.index("Fatal Python error: Aborted"):]
         assert re.search(r'File ".*apps/main/train\.py", line \d+ in train', dump_text), dump_text[:3000]
     assert f"resuming from {ckpt_path(dump, resumed_from)}" in output(second)
     if "checkpoint.async_save=true" in extra:  # the rerun saves in the background too, and commits
