@@ -321,6 +321,10 @@ PartitionName={self.partition} Nodes=localhost Default=YES MaxTime=INFINITE Stat
                 info.setdefault(k, v)
         return info
 
+    def wait_node_idle(self, timeout: float = 60) -> None:
+        """Until the node runs nothing: a job just requeued is still being torn down on it for a few seconds."""
+        self._wait(self._node_idle, timeout, "the node to be idle in sinfo")
+
     def wait_job(self, job_id: str,
                  states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
                  timeout: float = 300, poll: float = 1.0) -> Dict[str, str]:

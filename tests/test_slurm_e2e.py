@@ -180,7 +180,9 @@ def test_b_usr2_checkpoints_requeues_and_resumes(slurm_cluster, corpus, referenc
     preempted_at = last_step(dump)
     assert signalled_at <= preempted_at < STEPS, f"the run ended before the signal took effect\n{logs(dump)}"
     assert preempted_at in committed_steps(dump), f"no checkpoint at the preemption step {preempted_at}\n{logs(dump)}"
-    # A requeued job waits ~2 minutes (its begin time is pushed back); start it now.
+    # A requeued job waits ~2 minutes (its begin time is pushed back); start it now, once its first run has left
+    # the node (started while that run's tasks were still being torn down, it once failed at once: exit 1, no output).
+    slurm_cluster.wait_node_idle()
     slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     info = wait_done(slurm_cluster, job, dump)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{logs(dump)}"
