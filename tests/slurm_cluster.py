@@ -222,7 +222,7 @@ PartitionName={self.partition} Nodes=localhost Default=YES MaxTime=INFINITE Stat
             self._wait(lambda: self.munge_socket.exists(), 20, "munged to create its socket")
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf_path)])
             self._spawn("slurmd", [_which("slurmd"), "-D", "-N", "localhost", "-f", str(self.conf_path)])
-            self._wait(self._node_idle, timeout, "the node to be idle in sinfo")
+            self.wait_node_idle(timeout)
         except BaseException:
             self.stop()
             raise
