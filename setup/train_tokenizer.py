@@ -24,6 +24,8 @@ import sys
 from typing import Iterable, Iterator, List, Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # lingua from this checkout, installed or not (as setup/prepare_data.py)
+    sys.path.insert(0, REPO_ROOT)
 
 
 def iter_chunk_texts(root_dir: str, sources: Optional[List[str]] = None, max_bytes: int = 20_000_000) -> Iterator[str]:
