@@ -8,6 +8,7 @@ No timing is asserted (the figures come from `python -m apps.bench.run`, see doc
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -118,8 +119,22 @@ def test_table(bench_report):
     for r in rows:
         assert set(r) >= {"part", "metric", "value", "unit", "baseline", "ratio", "target", "ok"}
     assert bench_report["table"].startswith("| part")
+    with_runs = [r for r in rows if r.get("runs")]  # the goal ratios, each the median of its per-repeat ratios
+    assert {r["part"] for r in with_runs} == {"train", "ckpt", "ckpt_scaling", "resume"}
+    for r in with_runs:
+        assert r["ratio"] == pytest.approx(statistics.median(r["runs"])), r
     assert "torch" in bench_report["_md"] and "| part" in bench_report["_md"]
     json.dumps(bench_report["parts"])  # plain JSON all the way down
+
+
+def test_table_shows_the_range_of_the_per_repeat_ratios():
+    rows = [common.Row("ckpt", "sync save", 0.4, "s", 0.36, "raw", 0.9, ">= 0.8", True, [0.97, 0.85, 0.9]).as_dict(),
+            common.Row("resume", "one repeat", 1.0, "s", 1.0, "fresh", 1.0, runs=[1.0]).as_dict()]
+    header, _, three, one = [[c.strip() for c in line.split("|")[1:-1]]
+                             for line in common.format_table(rows).splitlines()]
+    assert header[4:] == ["ratio", "range (n)", "target"]
+    assert three[4:] == ["0.900", "0.850-0.970 (3)", ">= 0.8 ok"]  # min-max, how many
+    assert one[4:6] == ["1.000", ""]  # a single repeat has no range
 
 
 def test_unknown_part_is_an_error(tmp_path):

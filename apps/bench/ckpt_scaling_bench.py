@@ -23,10 +23,21 @@ QUICK_SIZES = {"tiny": ckpt_bench.QUICK_MODEL, "small": {"dim": 128, "n_layers":
 
 SAVE_KEYS = ("n_params", "bytes", "sync_vs_raw_bandwidth", "sync_save_s", "raw_write_s", "async_blocking_s",
              "async_blocking_vs_sync", "overlap_tokens_per_s_vs_idle")
+SAVE_RATIOS = ("sync_vs_raw_bandwidth", "async_blocking_vs_sync", "overlap_tokens_per_s_vs_idle")
+
+
+def _size_figures(save: dict, load: dict, reused_from) -> dict:
+    """One size's figures: the save part's SAVE_KEYS, the load's LOAD_FIGURES, the per-repeat ratios of both."""
+    from apps.bench.resume_bench import LOAD_FIGURES, LOAD_RATIOS
+
+    per_repeat = {**{k: save["per_repeat"][k] for k in SAVE_RATIOS},
+                  **{k: load["per_repeat"][k] for k in LOAD_RATIOS}}
+    return {**{k: save[k] for k in SAVE_KEYS}, **{k: load[k] for k in LOAD_FIGURES}, "per_repeat": per_repeat,
+            "reused_from": reused_from}
 
 
 def run(ctx: common.BenchContext) -> dict:
-    from apps.bench.resume_bench import LOAD_FIGURES, load_figures
+    from apps.bench.resume_bench import load_figures
 
     repeats = 1 if ctx.quick else 2
     measured = ckpt_bench.QUICK_MODEL if ctx.quick else ckpt_bench.MODEL  # by the ckpt and resume parts
@@ -34,8 +45,7 @@ def run(ctx: common.BenchContext) -> dict:
     for name, model in (QUICK_SIZES if ctx.quick else SIZES).items():
         save, resume = ctx.results.get("ckpt"), ctx.results.get("resume")
         if model == measured and save and resume:
-            out["sizes"][name] = {**{k: save[k] for k in SAVE_KEYS}, **{k: resume[k] for k in LOAD_FIGURES},
-                                  "reused_from": "ckpt, resume"}
+            out["sizes"][name] = _size_figures(save, resume, "ckpt, resume")
             continue
         overrides = ckpt_bench.model_overrides(ctx)
         overrides["model"] = {**model, "max_seqlen": overrides["model"]["max_seqlen"]}
@@ -51,7 +61,7 @@ def run(ctx: common.BenchContext) -> dict:
                           os.path.join(work, "log.txt"), common.bench_env(ctx.threads), timeout=3600)
         load = common.read_json(load_out)
         common.clean_dir(work)
-        out["sizes"][name] = {**{k: save[k] for k in SAVE_KEYS}, **load_figures(load), "reused_from": None}
+        out["sizes"][name] = _size_figures(save, load_figures(load), None)
     return out
 
 
@@ -61,16 +71,20 @@ def rows(res: dict) -> list:
         size = f"{r['n_params'] / 1e6:.0f}M params, {r['bytes'] / 1e6:.0f} MB"
         out.append(common.Row("ckpt_scaling", f"{size}: sync save", r["sync_save_s"], "s", r["raw_write_s"],
                               "fastest raw write+fsync", r["sync_vs_raw_bandwidth"], f">= {ckpt_bench.TARGET_SYNC_BW}",
-                              common.check(r["sync_vs_raw_bandwidth"], f">= {ckpt_bench.TARGET_SYNC_BW}")))
+                              common.check(r["sync_vs_raw_bandwidth"], f">= {ckpt_bench.TARGET_SYNC_BW}"),
+                              common.per_repeat(r, "sync_vs_raw_bandwidth")))
         out.append(common.Row("ckpt_scaling", f"{size}: async save, training blocked", r["async_blocking_s"], "s",
-                              r["sync_save_s"], "sync save", r["async_blocking_vs_sync"]))
+                              r["sync_save_s"], "sync save", r["async_blocking_vs_sync"],
+                              runs=common.per_repeat(r, "async_blocking_vs_sync")))
         out.append(common.Row("ckpt_scaling", f"{size}: tokens/s of steps overlapping the async write",
                               r["overlap_tokens_per_s_vs_idle"], "", 1.0, "steps with no save",
-                              r["overlap_tokens_per_s_vs_idle"]))
+                              r["overlap_tokens_per_s_vs_idle"],
+                              runs=common.per_repeat(r, "overlap_tokens_per_s_vs_idle")))
         out.append(common.Row("ckpt_scaling", f"{size}: load (cold cache)", r["load_s"], "s", r["raw_read_s"],
-                              "raw read", r["load_vs_raw_read"]))
+                              "raw read", r["load_vs_raw_read"], runs=common.per_repeat(r, "load_vs_raw_read")))
         out.append(common.Row("ckpt_scaling", f"{size}: load (warm cache)", r["load_warm_s"], "s", r["raw_read_warm_s"],
-                              "raw read, warm", r["load_vs_raw_read_warm"]))
+                              "raw read, warm", r["load_vs_raw_read_warm"],
+                              runs=common.per_repeat(r, "load_vs_raw_read_warm")))
     return out
 
 

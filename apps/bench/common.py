@@ -107,6 +107,16 @@ def spread(xs: List[float]) -> Optional[list]:
     return [min(xs), max(xs)] if xs else None
 
 
+def per_repeat(res: dict, key: str) -> Optional[list]:
+    """The per-repeat ratios res[key] is the median of, where the part recorded them (under "per_repeat")."""
+    return (res.get("per_repeat") or {}).get(key)
+
+
+def ratios(num: List[float], den: List[float]) -> List[float]:
+    """num[i] / den[i] for each interleaved repeat: what a median ratio and its range are taken over."""
+    return [a / b for a, b in zip(num, den) if a is not None and b]
+
+
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     if a is None or b is None or b == 0:
         return None
@@ -368,6 +378,7 @@ class Row:
     ratio: Optional[float] = None
     target: str = ""  # e.g. ">= 0.97"
     ok: Optional[bool] = None
+    runs: Optional[list] = None  # the per-repeat ratios `ratio` is the median of (the table shows their range)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -406,13 +417,16 @@ def fmt(x: Optional[float], unit: str = "") -> str:
 
 def format_table(rows: List[dict]) -> str:
     """A markdown table (also readable as plain text)."""
-    header = ["part", "metric", "value", "baseline (same run)", "ratio", "target"]
+    header = ["part", "metric", "value", "baseline (same run)", "ratio", "range (n)", "target"]
     lines = []
     for r in rows:
         base = f"{fmt(r['baseline'], r['unit'])} ({r['baseline_name']})" if r.get("baseline_name") else ""
         verdict = "" if r.get("ok") is None else (" ok" if r["ok"] else " MISSED")
+        lo_hi = spread(r.get("runs") or [])
+        span = f"{lo_hi[0]:.3f}-{lo_hi[1]:.3f} ({len(r['runs'])})" if lo_hi and len(r["runs"]) > 1 else ""
         lines.append([r["part"], r["metric"], fmt(r["value"], r["unit"]), base,
-                      "-" if r.get("ratio") is None else f"{r['ratio']:.3f}", (r.get("target") or "") + verdict])
+                      "-" if r.get("ratio") is None else f"{r['ratio']:.3f}", span,
+                      (r.get("target") or "") + verdict])
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     out = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]

@@ -59,17 +59,17 @@ def _ckpt_files(ckpt_dir: str) -> list:
 
 
 LOAD_FIGURES = ("load_s", "raw_read_s", "load_vs_raw_read", "load_warm_s", "raw_read_warm_s", "load_vs_raw_read_warm")
+LOAD_RATIOS = {"load_vs_raw_read": ("load_s", "raw_s"), "load_vs_raw_read_warm": ("load_warm_s", "raw_warm_s")}
 
 
 def load_figures(load: dict) -> dict:
-    """LOAD_FIGURES of a load worker's timings: medians, and ratios per repeat (cold and warm cache, against raw
-    reads of the same bytes)."""
-    def ratio(a, b):
-        return common.median([x / y for x, y in zip(load[a], load[b])])
-
-    values = (common.median(load["load_s"]), common.median(load["raw_s"]), ratio("load_s", "raw_s"),
-              common.median(load["load_warm_s"]), common.median(load["raw_warm_s"]), ratio("load_warm_s", "raw_warm_s"))
-    return dict(zip(LOAD_FIGURES, values))
+    """LOAD_FIGURES of a load worker's timings (medians; the ratios are the medians of the ratios per repeat, cold
+    and warm cache, against raw reads of the same bytes), and those per-repeat ratios under "per_repeat"."""
+    per_repeat = {key: common.ratios(load[a], load[b]) for key, (a, b) in LOAD_RATIOS.items()}
+    values = (common.median(load["load_s"]), common.median(load["raw_s"]),
+              common.median(per_repeat["load_vs_raw_read"]), common.median(load["load_warm_s"]),
+              common.median(load["raw_warm_s"]), common.median(per_repeat["load_vs_raw_read_warm"]))
+    return {**dict(zip(LOAD_FIGURES, values)), "per_repeat": per_repeat}
 
 
 def run(ctx: common.BenchContext) -> dict:
@@ -125,22 +125,29 @@ def run(ctx: common.BenchContext) -> dict:
     resumed_from_step_1 = all(_log_elapsed(os.path.join(d, "train.log"), r"resumed from \S+ at step 1$") is not None
                               for d in (dump, dump + "_noverify"))  # both resumed, neither started afresh
     common.clean_dir(work)
+    figures = load_figures(load)
+    per_repeat = {
+        "resume_vs_fresh": common.ratios(resumed["verify"], fresh),
+        "verify_cost": common.ratios(resumed["verify"], resumed["noverify"]),
+        "first_step_vs_steady": common.ratios(first_step, steady),
+        "load_vs_raw_read_new_warm": common.ratios(load["load_warm_s"], load["raw_new_warm_s"]),
+        **figures.pop("per_repeat"),
+    }
     return {
         "nproc": ctx.nproc,
         "fresh_start_to_first_step_s": common.median(fresh),
         "resume_start_to_first_step_s": common.median(resumed["verify"]),
-        "resume_vs_fresh": common.median([b / a for a, b in zip(fresh, resumed["verify"])]),
+        "resume_vs_fresh": common.median(per_repeat["resume_vs_fresh"]),
         "resume_no_checksums_s": common.median(resumed["noverify"]),
-        "verify_cost": common.median([a / b for a, b in zip(resumed["verify"], resumed["noverify"])]),
+        "verify_cost": common.median(per_repeat["verify_cost"]),
         "first_resumed_step_s": common.median(first_step),
         "steady_step_s": common.median(steady),
-        "first_step_vs_steady": common.median([f / s for f, s in zip(first_step, steady)]),
+        "first_step_vs_steady": common.median(per_repeat["first_step_vs_steady"]),
         "restore_in_trainer_s": common.median(restore_s),
         "ckpt_bytes": nbytes,
-        **load_figures(load),
+        **figures,
         "raw_read_new_warm_s": common.median(load["raw_new_warm_s"]),
-        "load_vs_raw_read_new_warm": common.median([ld / rw for ld, rw in zip(load["load_warm_s"],
-                                                                              load["raw_new_warm_s"])]),
+        "load_vs_raw_read_new_warm": common.median(per_repeat["load_vs_raw_read_new_warm"]),
         "cold_cache": cold and load["cold"],
         "raw_read_bytes": load["read_bytes"],
         "resumed_from_step_1": resumed_from_step_1,
@@ -148,6 +155,7 @@ def run(ctx: common.BenchContext) -> dict:
                  "restore_in_trainer": restore_s, "load": load["load_s"], "raw_read": load["raw_s"],
                  "load_warm": load["load_warm_s"], "raw_read_warm": load["raw_warm_s"],
                  "raw_read_new_warm": load["raw_new_warm_s"]},
+        "per_repeat": per_repeat,
     }
 
 
@@ -159,26 +167,29 @@ TARGET_LOAD = "<= 1.5"  # checkpoint load / raw read of the same bytes
 def rows(res: dict) -> list:
     cache = "cold cache" if res.get("cold_cache") else "page cache not dropped"
     mb = f"{res['ckpt_bytes'] / 1e6:.0f} MB"
+
     return [
         common.Row("resume", "process start -> first step, resumed", res["resume_start_to_first_step_s"], "s",
                    res["fresh_start_to_first_step_s"], "fresh start", res["resume_vs_fresh"], TARGET_RESUME,
-                   common.check(res["resume_vs_fresh"], TARGET_RESUME)),
+                   common.check(res["resume_vs_fresh"], TARGET_RESUME), common.per_repeat(res, "resume_vs_fresh")),
         common.Row("resume", "  of which: checkpoint chosen -> restored (train.log)", res["restore_in_trainer_s"], "s"),
         common.Row("resume", "  with checksums verified (default) vs checkpoint.verify=false",
                    res["resume_start_to_first_step_s"], "s", res["resume_no_checksums_s"], "verify=false",
-                   res["verify_cost"]),
+                   res["verify_cost"], runs=common.per_repeat(res, "verify_cost")),
         common.Row("resume", "first step after the resume (incl. its first batch)", res["first_resumed_step_s"], "s",
                    res["steady_step_s"], "steady step", res["first_step_vs_steady"], TARGET_FIRST_STEP,
-                   common.check(res["first_step_vs_steady"], TARGET_FIRST_STEP)),
+                   common.check(res["first_step_vs_steady"], TARGET_FIRST_STEP),
+                   common.per_repeat(res, "first_step_vs_steady")),
         common.Row("resume", f"checkpoint load ({cache})", res["load_s"], "s", res["raw_read_s"],
                    f"raw read of {mb}", res["load_vs_raw_read"], TARGET_LOAD,
-                   common.check(res["load_vs_raw_read"], TARGET_LOAD)),
+                   common.check(res["load_vs_raw_read"], TARGET_LOAD), common.per_repeat(res, "load_vs_raw_read")),
         common.Row("resume", "checkpoint load (warm cache)", res["load_warm_s"], "s", res["raw_read_warm_s"],
                    f"raw read of {mb}, warm", res["load_vs_raw_read_warm"], TARGET_LOAD,
-                   common.check(res["load_vs_raw_read_warm"], TARGET_LOAD)),
+                   common.check(res["load_vs_raw_read_warm"], TARGET_LOAD),
+                   common.per_repeat(res, "load_vs_raw_read_warm")),
         common.Row("resume", "checkpoint load (warm cache) vs reading into new memory", res["load_warm_s"], "s",
                    res["raw_read_new_warm_s"], f"raw read of {mb} into new tensors, warm",
-                   res["load_vs_raw_read_new_warm"]),
+                   res["load_vs_raw_read_new_warm"], runs=common.per_repeat(res, "load_vs_raw_read_new_warm")),
     ]
 
 

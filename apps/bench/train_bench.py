@@ -115,7 +115,7 @@ def rows(res: dict) -> list:
     out = [
         common.Row("train", f"tokens/s, trainer, {where}", res["trainer_tokens_per_s"], "tok/s",
                    res["reference_tokens_per_s"], "plain FSDP2 loop", res["ratio"], f">= {TARGET_RATIO}",
-                   common.check(res["ratio"], f">= {TARGET_RATIO}")),
+                   common.check(res["ratio"], f">= {TARGET_RATIO}"), res.get("ratio_runs")),
         common.Row("train", f"MFU, trainer (against the {peak})", res.get("mfu"), "%", res.get("reference_mfu"),
                    "plain loop MFU", None),
         common.Row("train", f"{peak} (sum of ranks)", res["matmul_peak_flops"], "FLOP/s"),
