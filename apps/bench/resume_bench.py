@@ -167,7 +167,6 @@ TARGET_LOAD = "<= 1.5"  # checkpoint load / raw read of the same bytes
 def rows(res: dict) -> list:
     cache = "cold cache" if res.get("cold_cache") else "page cache not dropped"
     mb = f"{res['ckpt_bytes'] / 1e6:.0f} MB"
-
     return [
         common.Row("resume", "process start -> first step, resumed", res["resume_start_to_first_step_s"], "s",
                    res["fresh_start_to_first_step_s"], "fresh start", res["resume_vs_fresh"], TARGET_RESUME,
