@@ -104,9 +104,15 @@ class CheckpointArgs:
     writer_idle: bool = True  # false: writer_nice alone
     # An async save writes its shards with O_DIRECT, past the page cache: a buffered write copies every byte into
     # the cache and the kernel writes it back, CPU taken from training (342 MB, 2 writers: 0.06 against 0.1-0.47 s
-    # of the writer's CPU). Sync saves write through the cache: training waits for them, and here the cache was
-    # the faster of the two (median 0.80 against 0.92 s). Where O_DIRECT is refused (some FUSE) it is not used.
+    # of the writer's CPU). Where O_DIRECT is refused (some FUSE) it is not used.
     async_direct_io: bool = True  # false: async saves write through the page cache too
+    # Sync saves too: a buffered write first needs page-cache memory for all it writes. Right after the previous
+    # checkpoint was deleted that memory is at hand and the cache was the faster (0.80 against 0.92 s); in a run
+    # the previous checkpoints stay and minutes pass between saves, and on a VM whose host reclaims idle guest
+    # memory every page must be mapped anew: there a sync save of 685 MB (2 ranks, 20 s between saves, keep=2)
+    # took 0.43 s with O_DIRECT against 0.99 s (medians of 5; the bench's ckpt part measures it). O_DIRECT also
+    # keeps a checkpoint from evicting the training data from the cache.
+    sync_direct_io: bool = True  # false: sync saves (periodic, final, preemption) write through the page cache
     checksums: bool = True  # record a crc32 of every file at save time
     verify: bool = True  # on resume, check every file's crc32 (split over ranks, while the model is built)
     load_step: int = -1  # resume once from exactly this step (newer ones are moved aside); -1 = the newest valid one
@@ -675,7 +681,7 @@ class CheckpointManager:
         if self.args.async_save:
             return self._start_async(step, staging, state, own_json, kinds, t0, crcs)
         try:
-            writer = ShardWriter(staging, crcs, self.args.checksums, direct=False)
+            writer = ShardWriter(staging, crcs, self.args.checksums, direct=self.args.sync_direct_io)
             dcp.save(state, storage_writer=writer, process_group=self.group, planner=save_planner())
             faults.point("save.after_shards", step)
             files = describe_files(staging, list(own_json) + self._dcp_files(staging), self.args.checksums, crcs)

@@ -310,7 +310,12 @@ from lingua.distributed import DistributedArgs, setup_torch_distributed
 from lingua.optim import OptimArgs, build_optimizer
 from lingua.transformer import LMTransformerArgs, build_model
 events = []
-real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+real_fsync, real_replace, real_rename, real_open = os.fsync, os.replace, os.rename, os.open
+def open_(path, flags, *a, **k):
+    if flags & os.O_DIRECT:
+        events.append(("open O_DIRECT", str(path)))
+    return real_open(path, flags, *a, **k)
+os.open = open_
 def fsync(fd):
     events.append(("fsync", os.readlink(f"/proc/self/fd/{{fd}}")))
     real_fsync(fd)
@@ -326,7 +331,7 @@ model = build_model(LMTransformerArgs(dim=16, n_layers=1, n_heads=2, vocab_size=
 opt, sched = build_optimizer(model, OptimArgs(), 10)
 ts = TrainState(sched, data={{}})
 ts.step = 3
-manager = CheckpointManager(CheckpointArgs(path={root!r}), {root!r}, state, {{}})
+manager = CheckpointManager(CheckpointArgs(path={root!r}, sync_direct_io={direct!r}), {root!r}, state, {{}})
 manager.prepare()
 assert manager.save(model, opt, ts, ["dump"])
 print(repr(events))
@@ -334,12 +339,27 @@ dist.destroy_process_group()
 """
 
 
+def _save_once(root: str, direct: bool = True) -> list:
+    """A sync save of a tiny model in a new process: its fsyncs, renames and O_DIRECT opens, in order."""
+    proc = subprocess.run([sys.executable, "-c", SAVE_ONCE.format(repo=str(REPO), root=root, direct=direct)],
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return eval(proc.stdout.strip().splitlines()[-1])  # noqa: S307 (our own repr of tuples of strings)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_sync_save_writes_its_shard_with_o_direct_unless_switched_off(tmp_path, direct):
+    """checkpoint.sync_direct_io (default on): the shard of a sync save past the page cache, still fsynced."""
+    root = str(tmp_path / "ck")
+    events = _save_once(root, direct)
+    shard = os.path.join(root, "0000000003.tmp", "__0_0.distcp")
+    assert [e[1] for e in events if e[0] == "open O_DIRECT"] == ([shard] if direct else [])
+    assert ("fsync", shard) in events
+
+
 def test_staging_folder_is_fsynced_before_its_rename(tmp_path):
     root = str(tmp_path / "ck")
-    proc = subprocess.run([sys.executable, "-c", SAVE_ONCE.format(repo=str(REPO), root=root)], env=clean_env(),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    events = eval(proc.stdout.strip().splitlines()[-1])  # noqa: S307 (our own repr of tuples of strings)
+    events = _save_once(root)
     staging, final = os.path.join(root, "0000000003.tmp"), os.path.join(root, "0000000003")
     publish = events.index(("rename", staging, final))
     before = events[:publish]
