@@ -9,17 +9,20 @@ times in rotating order:
            sync save writes); and with O_DIRECT from one aligned 64 MiB buffer (as `dd oflag=direct` would). The
            floor a save is compared with is the fastest of the three in each round;
   - sync:  CheckpointManager.save with checkpoint.async_save=false (everything: state dict, train state, DCP
-           shards, fsync, crc32 records, commit), barrier to barrier; also with checkpoint.checksums=false;
+           shards, fsync, crc32 records, commit), barrier to barrier; also with checkpoint.checksums=false, and
+           through the page cache (checkpoint.sync_direct_io=false; the default writes with O_DIRECT);
   - async: CheckpointManager.save with checkpoint.async_save=true, then training steps as the trainer runs them
            (forward, backward, clip, wait_staged, optimizer step, poll) until the save is committed. `blocking` =
            the save() call + the wait for the copy of the state before the first optimizer step; `background` =
            from save() returning to the commit. The steps that overlapped the write are compared with steps with
            no save in flight, measured in the same round (the target: tokens/s >= 0.9 of those).
-Each measurement follows a write of its own kind, as successive saves of a run do (page cache: raws, sync;
-O_DIRECT: raw direct, async); a sync save right after the O_DIRECT writes is measured apart, since some VMs slow
-a buffered write+fsync that follows an O_DIRECT one. Each checkpoint is deleted (untimed) before the next
-measurement. With --device cuda the model lives on the GPU (bf16 compute): a save includes the copy to host
-memory, the raw baseline writes bytes already there.
+Each measurement follows a write of its own kind, as successive saves of a run do (page cache: raws, the sync
+save through the cache; O_DIRECT: raw direct, sync, async); a sync save right after the O_DIRECT writes is
+measured apart, since some VMs slow a buffered write+fsync that follows an O_DIRECT one. Each checkpoint is
+deleted (untimed) before the next measurement. Then (the ckpt part, not ckpt_scaling) sync saves as a run makes
+them: IDLE_S seconds after the last, the previous checkpoints kept, O_DIRECT and the page cache alternating,
+IDLE_SAVES of each. With --device cuda the model lives on the GPU (bf16 compute): a save includes the copy to
+host memory, the raw baseline writes bytes already there.
 
     python -m apps.bench.run --only ckpt
 """
@@ -36,13 +39,17 @@ TARGET_ASYNC_BLOCK = 0.10  # async blocking time / sync save time
 TARGET_OVERLAP = 0.9  # tokens/s of the steps overlapping an async write / tokens/s with no save in flight
 
 # What one round measures, in order (for the progress messages; the order itself is in `worker`).
-ROUND = "raw, raw with early writeback, sync, sync without checksums, async, raw direct, sync"
+ROUND = ("raw, raw with early writeback, sync through the page cache, sync, sync without checksums, async, "
+         "raw direct, sync")
+# Then saves as a run makes them (the ckpt part only): IDLE_S seconds of nothing before each, the previous
+# checkpoints kept (the manager's retention deletes older ones); O_DIRECT (the default) and the page cache alternate.
+IDLE_SAVES, IDLE_S = 3, 10.0
 
 # The worker's figures, one per timed round.
-RUN_KEYS = ("raw_s", "raw_wb_s", "raw_direct_s", "sync_s", "sync_nocrc_s", "sync_after_direct_s", "async_block_s",
-            "async_save_call_s", "async_staged_wait_s", "async_background_s", "async_other_threads_cpu_s",
-            "idle_other_threads_cpu_s", "async_main_cpu_s", "idle_main_cpu_s", "step_during_async_s", "step_s",
-            "steps_overlapped")
+RUN_KEYS = ("raw_s", "raw_wb_s", "raw_direct_s", "sync_s", "sync_nocrc_s", "sync_cache_s", "sync_after_direct_s",
+            "async_block_s", "async_save_call_s", "async_staged_wait_s", "async_background_s",
+            "async_other_threads_cpu_s", "idle_other_threads_cpu_s", "async_main_cpu_s", "idle_main_cpu_s",
+            "step_during_async_s", "step_s", "steps_overlapped")
 
 # ~57M parameters: fp32 weights + two AdamW moments = ~690 MB per checkpoint.
 MODEL = {"dim": 768, "n_layers": 8, "n_heads": 12, "n_kv_heads": 12, "multiple_of": 256}
@@ -67,18 +74,21 @@ def run(ctx: common.BenchContext) -> dict:
     repeats = 1 if ctx.quick else ctx.repeats
     config = common.write_config(ctx, "ckpt", model_overrides(ctx))
     ctx.say(f"ckpt: torchrun x{ctx.nproc}, {repeats} x ({ROUND})")
-    return measure(ctx, config, os.path.join(ctx.work_dir, "ckpt"), repeats)
+    return measure(ctx, config, os.path.join(ctx.work_dir, "ckpt"), repeats,
+                   idle=(1, 0.0) if ctx.quick else (IDLE_SAVES, IDLE_S))
 
 
-def measure(ctx: common.BenchContext, config: str, work: str, repeats: int, keep_last: bool = False) -> dict:
+def measure(ctx: common.BenchContext, config: str, work: str, repeats: int, keep_last: bool = False,
+            idle: tuple = (0, 0.0)) -> dict:
     """One worker launch on `config`; the summarized figures. keep_last: the last sync checkpoint stays (its path
-    in "kept"), for a load measurement."""
+    in "kept"), for a load measurement. idle: (saves of each kind, seconds before each) as a run makes them."""
     common.clean_dir(work)
     os.makedirs(work)
     out = os.path.join(work, "result.json")
     common.run_logged(
         common.torchrun_cmd(ctx.nproc, "apps.bench.ckpt_bench",
                             ["--worker", "--config", config, "--work", work, "--out", out, "--repeats", str(repeats),
+                             "--idle-saves", str(idle[0]), "--idle-s", str(idle[1]),
                              *(["--keep-last"] if keep_last else [])]),
         os.path.join(work, "log.txt"), common.bench_env(ctx.threads), timeout=3600)
     raw = common.read_json(out)
@@ -94,6 +104,8 @@ def measure(ctx: common.BenchContext, config: str, work: str, repeats: int, keep
         "sync_vs_raw_bandwidth": common.ratios(floor, raw["sync_s"]),
         "sync_no_checksums_vs_raw_bandwidth": common.ratios(floor, raw["sync_nocrc_s"]),
         "sync_after_direct_vs_raw_bandwidth": common.ratios(floor, raw["sync_after_direct_s"]),
+        "sync_cache_vs_raw_bandwidth": common.ratios(floor, raw["sync_cache_s"]),
+        "idle_sync_direct_vs_cache": common.ratios(raw["idle_sync_s"], raw["idle_sync_cache_s"]),
         "async_blocking_vs_sync": common.ratios(raw["async_block_s"], raw["sync_s"]),
         "overlap_tokens_per_s_vs_idle": common.ratios(raw["step_s"], raw["step_during_async_s"]),
     }
@@ -115,6 +127,12 @@ def measure(ctx: common.BenchContext, config: str, work: str, repeats: int, keep
         "sync_no_checksums_vs_raw_bandwidth": medians["sync_no_checksums_vs_raw_bandwidth"],
         "sync_save_after_direct_s": common.median(raw["sync_after_direct_s"]),
         "sync_after_direct_vs_raw_bandwidth": medians["sync_after_direct_vs_raw_bandwidth"],
+        "sync_save_cache_s": common.median(raw["sync_cache_s"]),
+        "sync_cache_vs_raw_bandwidth": medians["sync_cache_vs_raw_bandwidth"],
+        "idle_s": idle[1],
+        "idle_sync_save_s": common.median(raw["idle_sync_s"]) if idle[0] else None,
+        "idle_sync_save_cache_s": common.median(raw["idle_sync_cache_s"]) if idle[0] else None,
+        "idle_sync_direct_vs_cache": medians["idle_sync_direct_vs_cache"] if idle[0] else None,
         "async_blocking_s": block_s,
         "async_background_s": bg_s,
         "async_save_call_s": common.median(raw["async_save_call_s"]),
@@ -125,7 +143,7 @@ def measure(ctx: common.BenchContext, config: str, work: str, repeats: int, keep
         "steps_overlapped": common.median(raw["steps_overlapped"]),
         "overlap_tokens_per_s_vs_idle": medians["overlap_tokens_per_s_vs_idle"],
         "async_other_threads_cpu_s": common.median(raw["async_other_threads_cpu_s"]),
-        "runs": {k: raw[k] for k in RUN_KEYS},
+        "runs": {k: raw[k] for k in RUN_KEYS + ("idle_sync_s", "idle_sync_cache_s")},
         "per_repeat": per_repeat,
         "checksums": raw["checksums"],
         "targets": {"sync_vs_raw_bandwidth": TARGET_SYNC_BW, "async_blocking_vs_sync": TARGET_ASYNC_BLOCK,
@@ -155,10 +173,18 @@ def rows(res: dict) -> list:
                    common.ratio(res["bytes"], res["sync_save_no_checksums_s"]), "B/s", res["raw_write_bytes_per_s"],
                    "fastest raw write+fsync", res["sync_no_checksums_vs_raw_bandwidth"],
                    runs=common.per_repeat(res, "sync_no_checksums_vs_raw_bandwidth")),
+        common.Row("ckpt", "sync save bandwidth through the page cache (checkpoint.sync_direct_io=false)",
+                   common.ratio(res["bytes"], res["sync_save_cache_s"]), "B/s", res["raw_write_bytes_per_s"],
+                   "fastest raw write+fsync", res["sync_cache_vs_raw_bandwidth"],
+                   runs=common.per_repeat(res, "sync_cache_vs_raw_bandwidth")),
         common.Row("ckpt", "sync save bandwidth right after an O_DIRECT write (async save, raw direct)",
                    common.ratio(res["bytes"], res["sync_save_after_direct_s"]), "B/s", res["raw_write_bytes_per_s"],
                    "fastest raw write+fsync", res["sync_after_direct_vs_raw_bandwidth"],
                    runs=common.per_repeat(res, "sync_after_direct_vs_raw_bandwidth")),
+        *([common.Row("ckpt", f"sync save {res['idle_s']:.0f} s after the last, previous ones kept (as in a run)",
+                      res["idle_sync_save_s"], "s", res["idle_sync_save_cache_s"], "the same through the page cache",
+                      res["idle_sync_direct_vs_cache"], runs=common.per_repeat(res, "idle_sync_direct_vs_cache"))]
+          if res.get("idle_sync_save_s") else []),
         common.Row("ckpt", "async save: training blocked", res["async_blocking_s"], "s", res["sync_save_s"],
                    "sync save", res["async_blocking_vs_sync"], f"<= {TARGET_ASYNC_BLOCK}",
                    common.check(res["async_blocking_vs_sync"], f"<= {TARGET_ASYNC_BLOCK}"),
@@ -313,10 +339,11 @@ def worker(a) -> int:
     group = dist_state.cpu_group
     train_state = TrainState(scheduler, data={"bench": True})
     managers = {}
-    for kind in ("sync", "async", "sync_nocrc"):
+    for kind in ("sync", "async", "sync_nocrc", "sync_cache"):
         cargs = type(args.checkpoint)(**{**args.checkpoint.__dict__})
         cargs.async_save = kind == "async"
         cargs.checksums = args.checkpoint.checksums and kind != "sync_nocrc"
+        cargs.sync_direct_io = kind != "sync_cache"
         cargs.path = os.path.join(dump, f"checkpoints_{kind}")
         managers[kind] = CheckpointManager(cargs, dump, dist_state, config_to_dict(args))
         managers[kind].prepare()
@@ -327,7 +354,7 @@ def worker(a) -> int:
     tokens = torch.randint(0, args.model.vocab_size, (args.data.batch_size, args.data.seq_len + 1),
                            generator=g).to(dist_state.device)
     res = {"world_size": world, "n_params": num_params(model), "checksums": args.checkpoint.checksums, "bytes": None,
-           **{k: [] for k in RUN_KEYS}}
+           "idle_sync_s": [], "idle_sync_cache_s": [], **{k: [] for k in RUN_KEYS}}
     my_bytes = None
     step = 1000
 
@@ -359,9 +386,9 @@ def worker(a) -> int:
     # Round 0 is untimed: it learns the byte counts and warms every code path. Each measurement follows a write
     # of its own kind, as successive saves of one run do: on some VMs a buffered write+fsync right after an
     # O_DIRECT write is 2-3x slower (docs/benchmarks.md), so the buffered kinds rotate among themselves, then the
-    # O_DIRECT ones, and a sync save right after them is measured apart ("sync_after_direct"); it is also the
-    # buffered write the next round's first measurement follows.
-    buffered, direct = ["sync", "raw", "sync_nocrc", "raw_wb"], ["async", "raw_direct"]
+    # O_DIRECT ones (sync saves write with O_DIRECT by default, checkpoint.sync_direct_io), and a sync save right
+    # after them is measured apart ("sync_after_direct").
+    buffered, direct = ["sync_cache", "raw", "raw_wb"], ["sync", "async", "sync_nocrc", "raw_direct"]  # a save first
     for r in range(a.repeats + 1):
         cpu0 = _cpu()
         idle = [_train_step(model, optimizer, tokens)[0] for _ in range(3)]  # steps with no save in flight
@@ -430,6 +457,14 @@ def worker(a) -> int:
                 continue
             remove(ckpt_dir)
         buffered, direct = buffered[1:] + buffered[:1], direct[1:] + direct[:1]  # each kind in a new place each round
+    for i in range(2 * a.idle_saves):  # saves as a run makes them (IDLE_SAVES above); the first kind alternates
+        kind = ("sync", "sync_cache")[(i + i // 2) % 2]
+        time.sleep(a.idle_s)
+        step += 1
+        train_state.step = step
+        s, ok = timed(lambda: managers[kind].save(model, optimizer, train_state, ["dump"]))
+        assert ok, "sync save failed"
+        res[f"idle_{kind}_s"].append(s)
     if rank == 0:
         common.write_json(a.out, res)
     dist.destroy_process_group()
@@ -439,6 +474,8 @@ def worker(a) -> int:
 def _worker_args(p) -> None:
     p.add_argument("--work")
     p.add_argument("--keep-last", action="store_true", help="(internal) keep the last sync checkpoint")
+    p.add_argument("--idle-saves", type=int, default=0, help="(internal) saves of each kind after an idle time")
+    p.add_argument("--idle-s", type=float, default=IDLE_S, help="(internal) the idle time before each of them")
 
 
 def main(argv=None) -> int:
