@@ -50,6 +50,8 @@ RUN_KEYS = ("raw_s", "raw_wb_s", "raw_direct_s", "sync_s", "sync_nocrc_s", "sync
             "async_block_s", "async_save_call_s", "async_staged_wait_s", "async_background_s",
             "async_other_threads_cpu_s", "idle_other_threads_cpu_s", "async_main_cpu_s", "idle_main_cpu_s",
             "step_during_async_s", "step_s", "steps_overlapped")
+# The saves made as a run makes them (after the rounds, the ckpt part only).
+IDLE_KEYS = ("idle_sync_s", "idle_sync_cache_s")
 
 # ~57M parameters: fp32 weights + two AdamW moments = ~690 MB per checkpoint.
 MODEL = {"dim": 768, "n_layers": 8, "n_heads": 12, "n_kv_heads": 12, "multiple_of": 256}
@@ -143,7 +145,7 @@ def measure(ctx: common.BenchContext, config: str, work: str, repeats: int, keep
         "steps_overlapped": common.median(raw["steps_overlapped"]),
         "overlap_tokens_per_s_vs_idle": medians["overlap_tokens_per_s_vs_idle"],
         "async_other_threads_cpu_s": common.median(raw["async_other_threads_cpu_s"]),
-        "runs": {k: raw[k] for k in RUN_KEYS + ("idle_sync_s", "idle_sync_cache_s")},
+        "runs": {k: raw[k] for k in RUN_KEYS + IDLE_KEYS},
         "per_repeat": per_repeat,
         "checksums": raw["checksums"],
         "targets": {"sync_vs_raw_bandwidth": TARGET_SYNC_BW, "async_blocking_vs_sync": TARGET_ASYNC_BLOCK,
@@ -354,7 +356,7 @@ def worker(a) -> int:
     tokens = torch.randint(0, args.model.vocab_size, (args.data.batch_size, args.data.seq_len + 1),
                            generator=g).to(dist_state.device)
     res = {"world_size": world, "n_params": num_params(model), "checksums": args.checkpoint.checksums, "bytes": None,
-           "idle_sync_s": [], "idle_sync_cache_s": [], **{k: [] for k in RUN_KEYS}}
+           **{k: [] for k in RUN_KEYS + IDLE_KEYS}}
     my_bytes = None
     step = 1000
 
